@@ -1,0 +1,9 @@
+"""qiothread: QEMU's iothreads and their adaptive polling, without a VM."""
+
+from __future__ import annotations
+
+import logging
+
+__version__ = "0.1.0"
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
