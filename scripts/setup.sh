@@ -43,7 +43,13 @@ fi
 stamp="$venv/.qiothread-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    "$venv/bin/python" -m pip install -q --upgrade pip >/dev/null
-    "$venv/bin/python" -m pip install -q -e '.[test]'
+    log="$venv/pip-install.log"
+    if ! { "$venv/bin/python" -m pip install -q --upgrade pip &&
+           "$venv/bin/python" -m pip install -q -e '.[test]'; } >"$log" 2>&1
+    then
+        cat "$log" >&2
+        echo "setup: pip install failed (log above, also in $log)" >&2
+        exit 1
+    fi
     echo "$want" >"$stamp"
 fi
