@@ -21,12 +21,13 @@ Calling contract, which every implementation may rely on:
   monitor logs the traceback.
 - Before the backend is called the monitor has already checked the
   QAPI shape: required arguments present, no unexpected ones, JSON
-  types right (a ``qom_set`` of an ``int`` property receives a Python
-  ``int`` in int64 range, never a bool or float), the object exists
-  (from ``qom_list``) and the property exists and is writable.  Range
-  and semantic checks ("poll-max-ns value must be in range [0,
-  9223372036854775807]", "bad thread-pool-min/thread-pool-max values")
-  are the backend's, made by the same property model as at start-up.
+  types of its own arguments right, the object exists (from
+  ``qom_list``), the property exists and is writable, and a ``qom_set``
+  of an ``int`` property receives a Python ``int`` in int64 range, never
+  a bool or float.  Range and semantic checks ("poll-max-ns value must
+  be in range [0, 9223372036854775807]", "bad thread-pool-min/
+  thread-pool-max values") are the backend's, made by the same property
+  model as at start-up.
 - A ``qom_set`` of a poll parameter must reach the iothread the way the
   design requires: shared state plus ``aio_notify``, never an extra fd
   handler in the iothread's AioContext.  It returns once the new value
@@ -168,7 +169,7 @@ class BlockDeviceInfo:
     device: str
     #: The qdev path or id of the virtio-blk device.
     qdev: str
-    #: The format node (``driver=raw``) the device is attached to.
+    #: The node the device is attached to (normally ``driver=raw``).
     node_name: str
     #: The protocol node's file name (image file or /dev/loopN).
     filename: str
@@ -184,6 +185,9 @@ class BlockDeviceInfo:
     iothreads: Sequence[str] = ()
     #: True once the device was marked broken.
     broken: bool = False
+    #: The driver of ``node_name``: ``raw``, or the protocol driver
+    #: when the device sits directly on a ``file`` node.
+    driver: str = "raw"
 
 
 @dataclass
@@ -309,8 +313,12 @@ class QMPBackend(Protocol):
                    props: Mapping[str, Any]) -> None:
         """Create ``/objects/<object_id>`` (only ``iothread`` for now).
 
-        ``props`` are the remaining QMP arguments, JSON types already
-        checked against ``qom_type``'s property list.
+        ``qom_type`` is one of ``object_types()`` and ``object_id`` a
+        string; ``props`` are the remaining QMP arguments as the client
+        sent them: the backend checks them in QAPI order with the same
+        visitor as ``-object`` (``qiothread.qom.ObjectRoot``), giving
+        "Invalid parameter type for 'poll-max-ns', expected: integer",
+        "Parameter 'foo' is unexpected" and the like.
 
         :raises QMPCommandError: duplicate id and the like.
         :raises ConfigError: a property value was rejected.
