@@ -115,3 +115,20 @@ def test_message_shapes() -> None:
     assert ev["timestamp"] == {"seconds": 1_700_000_123,
                                "microseconds": 456_789}
     assert encode({"a": "\u00e9"}) == b'{"a": "\\u00e9"}\n'
+
+
+def test_regression_trailing_comma_reports_expecting_value() -> None:
+    # QEMU keeps the first error: parse_value's "expecting value" for
+    # the '}' where a key should be, not "key is not a string".
+    assert feed(b'{"execute": "quit",}') == [err("expecting value")]
+
+
+def test_regression_nothing_after_fatal_error() -> None:
+    # The connection is dropped after a fatal error; the streamer must
+    # not go on to report the rest of the oversized value.
+    s = JSONStreamer(100)
+    out = list(s.feed(b'{"a": "' + b"x" * 200 + b'"} {"b": 1}'))
+    assert out == [ParseError("JSON token size limit exceeded",
+                              fatal=True)]
+    assert s.dead
+    assert list(s.feed(b'{"c": 2}')) == []
