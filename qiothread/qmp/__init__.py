@@ -18,6 +18,8 @@ from qiothread.qmp.backend import (
     QMPBackend,
     RunState,
     ShutdownCause,
+    iothread_info_of,
+    poll_stats_of,
 )
 
 __all__ = [
@@ -31,4 +33,6 @@ __all__ = [
     "QMPBackend",
     "RunState",
     "ShutdownCause",
+    "iothread_info_of",
+    "poll_stats_of",
 ]

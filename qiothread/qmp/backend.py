@@ -60,6 +60,8 @@ __all__ = [
     "QMPBackend",
     "RunState",
     "ShutdownCause",
+    "iothread_info_of",
+    "poll_stats_of",
 ]
 
 #: A JSON object as the monitor sends it (``dict`` of JSON values).
@@ -234,42 +236,103 @@ class BlockDeviceStats:
 class PollStats:
     """Live polling statistics of one iothread (``x-query-poll-stats``).
 
-    Counters are cumulative since the iothread started; the monitor
-    reports them as they are and clients take differences.  All times
-    are CLOCK_MONOTONIC ns, comparable with trace timestamps converted
-    to the monotonic clock and with the guests' per-request times.
+    The counters are those the AioContext keeps in shared memory
+    (``qiothread.stats.FIELDS``), cumulative since the iothread started;
+    clients take differences.  Times are CLOCK_MONOTONIC ns, comparable
+    with the guests' per-request times.  Build one from a running
+    ``qiothread.iothread.IOThread`` with :func:`poll_stats_of`.
     """
 
     id: str
     thread_id: int
-    #: The adaptive polling time now (QEMU's ``ctx->poll_ns``).
-    poll_ns: int
-    #: The parameters the loop is running with (after a ``qom-set``
-    #: these change once the iothread applied it).
+    #: The poll parameters as stored (what ``qom-get`` shows).
     poll_max_ns: int
     poll_grow: int
     poll_shrink: int
-    #: True while the context is in poll mode (``poll_started``).
-    poll_started: bool
-    #: ``aio_poll`` calls (loop iterations).
-    aio_poll_count: int
-    #: ``run_poll_handlers`` calls: times the loop tried polling.
-    poll_attempts: int
-    #: Polling attempts that found work before the budget ran out.
-    poll_successes: int
-    #: Total ns spent busy-polling.
-    poll_time_ns: int
-    #: Times the loop blocked in the fd monitor (ppoll/epoll_wait).
-    block_count: int
-    #: Total ns spent blocked in the fd monitor.
-    block_time_ns: int
-    #: ``poll_grow`` / ``poll_shrink`` adjustments made.
-    grow_count: int
-    shrink_count: int
-    #: When the loop last applied new poll parameters; 0 if never.
+    #: True while the loop has not yet applied the latest ``qom-set``.
+    params_pending: bool
+    #: When the loop last applied new parameters; 0 if never.
     params_applied_ns: int
-    #: When polling last began (``run_poll_handlers_begin``); 0 if never.
-    last_poll_begin_ns: int
+    #: Handlers without ``io_poll`` registered: polling is off while
+    #: this is not 0 (QEMU's ``poll_disable_cnt``).
+    poll_disable_cnt: int
+    #: The adaptive polling time now (QEMU's ``ctx->poll_ns``), since
+    #: when it has had that value, and its time-weighted mean so far.
+    poll_ns: int
+    poll_ns_since: int
+    poll_ns_mean: float
+    #: ``aio_poll`` calls.
+    iterations: int
+    #: ``run_poll_handlers`` calls, passes over the handlers, rounds
+    #: that found work, rounds ended by the notifier alone, rounds that
+    #: used up the budget.
+    poll_rounds: int
+    poll_passes: int
+    poll_progress: int
+    poll_notified: int
+    poll_timeouts: int
+    #: fd-monitor waits with a timeout, and with timeout 0.
+    blocking_waits: int
+    nonblocking_waits: int
+    #: ns inside ``run_poll_handlers`` and inside blocking waits.
+    ns_polling: int
+    ns_blocked: int
+    #: ``poll_grow`` / ``poll_shrink`` adjustments made.
+    grow: int
+    shrink: int
+
+
+class _IOThreadLike(Protocol):
+    """What :func:`poll_stats_of` reads of ``qiothread.iothread.IOThread``.
+
+    Spelled out here so that the monitor does not import the iothread
+    machinery.
+    """
+
+    id: str
+    thread_id: int
+
+    def get(self, name: str) -> int: ...
+    def poll_stats(self) -> dict[str, Any]: ...
+    def loop_state(self) -> dict[str, int]: ...
+
+
+def poll_stats_of(iothread: _IOThreadLike) -> PollStats:
+    """The ``PollStats`` of a running IOThread, read live (any thread).
+
+    :raises InternalError: the iothread is not running.
+    """
+    snap = iothread.poll_stats()
+    loop = iothread.loop_state()
+    return PollStats(
+        id=iothread.id, thread_id=iothread.thread_id,
+        poll_max_ns=iothread.get("poll-max-ns"),
+        poll_grow=iothread.get("poll-grow"),
+        poll_shrink=iothread.get("poll-shrink"),
+        params_pending=loop["seq"] != loop["applied_seq"],
+        params_applied_ns=loop["params_applied_ns"],
+        poll_disable_cnt=loop["poll_disable_cnt"],
+        poll_ns=snap["poll_ns"], poll_ns_since=snap["poll_ns_since"],
+        poll_ns_mean=float(snap["poll_ns_mean"]),
+        iterations=snap["iterations"], poll_rounds=snap["poll_rounds"],
+        poll_passes=snap["poll_passes"],
+        poll_progress=snap["poll_progress"],
+        poll_notified=snap["poll_notified"],
+        poll_timeouts=snap["poll_timeouts"],
+        blocking_waits=snap["blocking_waits"],
+        nonblocking_waits=snap["nonblocking_waits"],
+        ns_polling=snap["ns_polling"], ns_blocked=snap["ns_blocked"],
+        grow=snap["grow"], shrink=snap["shrink"])
+
+
+def iothread_info_of(iothread: _IOThreadLike) -> IOThreadInfo:
+    """``query-iothreads``' entry for an IOThread."""
+    return IOThreadInfo(
+        id=iothread.id, thread_id=iothread.thread_id,
+        poll_max_ns=iothread.get("poll-max-ns"),
+        poll_grow=iothread.get("poll-grow"),
+        poll_shrink=iothread.get("poll-shrink"),
+        aio_max_batch=iothread.get("aio-max-batch"))
 
 
 @runtime_checkable

@@ -114,13 +114,15 @@ class ModelBackend:
                 for b in self.query_block()]
 
     def query_poll_stats(self) -> list[PollStats]:
+        # A loop that never ran: every counter 0, parameters as stored.
         return [PollStats(
-            id=o.id, thread_id=-1, poll_ns=0,
-            poll_max_ns=o.get("poll-max-ns"), poll_grow=o.get("poll-grow"),
-            poll_shrink=o.get("poll-shrink"), poll_started=False,
-            aio_poll_count=0, poll_attempts=0, poll_successes=0,
-            poll_time_ns=0, block_count=0, block_time_ns=0, grow_count=0,
-            shrink_count=0, params_applied_ns=0, last_poll_begin_ns=0)
+            id=o.id, thread_id=-1, poll_max_ns=o.get("poll-max-ns"),
+            poll_grow=o.get("poll-grow"), poll_shrink=o.get("poll-shrink"),
+            params_pending=False, params_applied_ns=0, poll_disable_cnt=0,
+            poll_ns=0, poll_ns_since=0, poll_ns_mean=0.0, iterations=0,
+            poll_rounds=0, poll_passes=0, poll_progress=0, poll_notified=0,
+            poll_timeouts=0, blocking_waits=0, nonblocking_waits=0,
+            ns_polling=0, ns_blocked=0, grow=0, shrink=0)
             for o in self.root.objects.values()]
 
     def request_quit(self) -> None:
