@@ -506,6 +506,10 @@ def event_message(name: str, data: Any = None,
     return msg
 
 
-def encode(msg: dict[str, Any]) -> bytes:
-    """One message as a line; non-ASCII escaped as QEMU escapes it."""
-    return json.dumps(msg, ensure_ascii=True).encode("ascii") + b"\n"
+def encode(msg: dict[str, Any], pretty: bool = False) -> bytes:
+    """One message and a newline; non-ASCII escaped as QEMU escapes it.
+
+    ``pretty`` is ``-qmp-pretty``: indented over several lines.
+    """
+    text = json.dumps(msg, ensure_ascii=True, indent=4 if pretty else None)
+    return text.encode("ascii") + b"\n"

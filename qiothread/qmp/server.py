@@ -58,9 +58,10 @@ _ids = itertools.count(1)
 class _Client:
     """One connection; its fields belong to the monitor thread."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, pretty: bool) -> None:
         self.id = next(_ids)
         self.writer = writer
+        self.pretty = pretty
         self.session = Session()
         self.log = _log.getChild(f"client{self.id}")
 
@@ -75,7 +76,7 @@ class _Client:
             self.writer.close()
             return False
         self.log.debug("<- %s", msg)
-        self.writer.write(protocol.encode(msg))
+        self.writer.write(protocol.encode(msg, self.pretty))
         return True
 
 
@@ -84,11 +85,15 @@ class QMPServer:
 
     ``start()`` returns once the socket listens; ``close()`` stops
     everything and removes the socket file.  Use from the main thread.
+    ``pretty`` indents the output (``-qmp-pretty``); ``max_message``
+    bounds one input value.
     """
 
     def __init__(self, backend: QMPBackend, path: str | os.PathLike[str],
-                 *, max_message: int = protocol.MAX_TOKEN_SIZE) -> None:
+                 *, pretty: bool = False,
+                 max_message: int = protocol.MAX_TOKEN_SIZE) -> None:
         self.backend = backend
+        self.pretty = pretty
         #: The socket's file name.
         self.path = Path(path)
         self._max_message = max_message
@@ -236,7 +241,7 @@ class QMPServer:
         task = asyncio.current_task()
         assert task is not None
         self._tasks.add(task)
-        client = _Client(writer)
+        client = _Client(writer, self.pretty)
         self._clients.add(client)
         self.client_connected.set()
         client.log.debug("connected")
@@ -244,6 +249,9 @@ class QMPServer:
             await self._converse(client, reader)
         except (ConnectionError, OSError) as e:
             client.log.debug("connection lost: %s", e)
+        except Exception:
+            # A bug of ours: lose this client, keep serving the others.
+            client.log.exception("QMP client failed")
         finally:
             self._clients.discard(client)
             self._tasks.discard(task)

@@ -337,3 +337,32 @@ def test_many_clients_at_once(server: QMPServer) -> None:
     finally:
         for c in clients:
             c.close()
+
+
+def test_pretty_output(backend: ModelBackend, tmp_path: Path) -> None:
+    import json
+    import socket as socket_
+    with QMPServer(backend, tmp_path / "p.sock", pretty=True) as srv:
+        s = socket_.socket(socket_.AF_UNIX)
+        s.settimeout(30)
+        s.connect(str(srv.path))
+        s.sendall(b'{"execute": "qmp_capabilities", "id": 1}\n')
+        buf = b""
+        decoder = json.JSONDecoder()
+        msgs: list[Any] = []
+        while len(msgs) < 2:
+            chunk = s.recv(4096)
+            assert chunk
+            buf += chunk
+            text = buf.decode().lstrip()
+            while text:
+                try:
+                    obj, end = decoder.raw_decode(text)
+                except ValueError:
+                    break
+                msgs.append(obj)
+                text = text[end:].lstrip()
+            buf = text.encode()
+        s.close()
+    assert "QMP" in msgs[0]
+    assert msgs[1] == {"return": {}, "id": 1}
