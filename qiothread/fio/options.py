@@ -62,6 +62,7 @@ class Ddir(enum.IntEnum):
     READ = 0  #: ``DDIR_READ``
     WRITE = 1  #: ``DDIR_WRITE``
     TRIM = 2  #: ``DDIR_TRIM``
+    SYNC = 3  #: ``DDIR_SYNC``: a flush (iolog ``sync``/``datasync``)
 
 
 class ReadWrite(enum.Enum):
