@@ -1,0 +1,329 @@
+"""The driver's (guest's) view of a split virtqueue, as Linux's virtio_ring.
+
+The contract the driver keeps with the device (reference §13, §16):
+
+- It owns the descriptor table: free descriptors are on a free list and
+  a chain is written completely before its head is published.
+- Publishing: write ``avail.ring[avail_idx % N] = head``, then (write
+  barrier) store ``avail.idx``.  A batch of publications is followed by
+  one kick decision.
+- Kick decision (``virtqueue_kick_prepare``): a *full* barrier between
+  the ``avail.idx`` store and the load of the device's suppression state
+  (``avail_event`` with EVENT_IDX, ``used.flags`` without).  The device
+  pairs it with the barrier after re-enabling notification; without the
+  pair both sides could read stale values and the request would sit in
+  the ring with nobody looking.  Kicks the device suppressed are counted.
+- Completions: read ``used.idx`` (read barrier) before the element it
+  publishes.  While callbacks are enabled, after each element the driver
+  stores ``used_event = last_used_idx`` with a full barrier; before it
+  sleeps it re-arms and re-reads ``used.idx`` (``virtqueue_enable_cb``):
+  the pair of the device's barrier in ``should_notify``.
+- A polled queue (callbacks disabled) sets ``VRING_AVAIL_F_NO_INTERRUPT``
+  and stops updating ``used_event``; with EVENT_IDX the device may
+  still interrupt when ``used.idx`` happens to pass the stale value.
+
+Single-threaded: one guest process drives one :class:`VringDriver`.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from qiothread.barrier import full_barrier
+from qiothread.errors import VirtioError
+from qiothread.event_notifier import EventNotifier
+from virtio.memory import GuestMemory
+from virtio.ring import (
+    DESC,
+    U16,
+    USED_ELEM,
+    VRING_AVAIL_F_NO_INTERRUPT,
+    VRING_AVAIL_FLAGS,
+    VRING_AVAIL_IDX,
+    VRING_USED_F_NO_NOTIFY,
+    VRING_USED_FLAGS,
+    VRING_USED_IDX,
+    VirtioFeature,
+    VringDescFlag,
+    VringLayout,
+    avail_event_offset,
+    has_feature,
+    read_barrier,
+    used_event_offset,
+    vring_need_event,
+    write_barrier,
+)
+
+__all__ = [
+    "DRIVER_STATS_FIELDS",
+    "DRIVER_STATS_SIZE",
+    "VringDriver",
+    "alloc_vring",
+    "read_driver_stats",
+]
+
+_NEXT = int(VringDescFlag.NEXT)
+_WRITE = int(VringDescFlag.WRITE)
+_INDIRECT = int(VringDescFlag.INDIRECT)
+
+#: Counters a guest driver publishes in guest memory, in this order
+#: (u64 each), so that the VMM can read them while the guest runs.
+DRIVER_STATS_FIELDS: Final = (
+    "submitted",          # requests made available
+    "completed",          # used elements consumed
+    "kicks",              # host-notifier writes
+    "kicks_suppressed",   # kicks skipped: the device asked for none
+    "interrupt_waits",    # times the driver slept on the call eventfd
+    "interrupts",         # wake-ups with the call eventfd set
+    "lost_interrupts",    # a wait passed its deadline with work in used
+    "stalled_waits",      # a wait passed its deadline with nothing used
+)
+_STATS = struct.Struct("<" + "Q" * len(DRIVER_STATS_FIELDS))
+#: Bytes of the counter block.
+DRIVER_STATS_SIZE: Final = _STATS.size
+
+
+def read_driver_stats(mem: GuestMemory, addr: int) -> dict[str, int]:
+    """The counters a guest driver last published at ``addr``."""
+    return dict(zip(DRIVER_STATS_FIELDS, _STATS.unpack_from(mem.buf, addr),
+                    strict=True))
+
+
+def alloc_vring(mem: GuestMemory, num: int) -> VringLayout:
+    """Allocate and zero a split ring of ``num`` entries in ``mem``.
+
+    :raises ConfigError: for a bad ``num`` or when memory runs out.
+    """
+    VringLayout.check_num(num)
+    dsz, asz, usz = VringLayout.sizes(num)
+    layout = VringLayout(num, mem.alloc(dsz, 16), mem.alloc(asz, 2),
+                         mem.alloc(usz, 4))
+    for addr, size in ((layout.desc, dsz), (layout.avail, asz),
+                       (layout.used, usz)):
+        mem.buf[addr:addr + size] = bytes(size)
+    return layout
+
+
+class VringDriver:
+    """The guest side of one split ring.
+
+    ``features`` are the negotiated ones.  Not thread-safe: one guest
+    process (or thread) only.
+    """
+
+    def __init__(self, mem: GuestMemory, layout: VringLayout,
+                 features: int,
+                 host_notifier: EventNotifier | None = None,
+                 stats_addr: int = 0) -> None:
+        self.mem = mem
+        self.layout = layout
+        self.num = layout.num
+        self._buf = mem.buf
+        self.host_notifier = host_notifier
+        self.event_idx = has_feature(features, VirtioFeature.RING_EVENT_IDX)
+        self.indirect = has_feature(features,
+                                    VirtioFeature.RING_INDIRECT_DESC)
+        #: Free descriptor indices (a stack: the last freed is reused).
+        self._free = list(range(layout.num - 1, -1, -1))
+        #: Descriptors of each in-flight chain, by head.
+        self._chains: dict[int, list[int]] = {}
+        #: The ``avail.idx`` last published.
+        self.avail_idx = 0
+        #: Publications since the last kick decision.
+        self.num_added = 0
+        #: The next used index to consume.
+        self.last_used_idx = 0
+        #: Our ``avail.flags`` (NO_INTERRUPT while callbacks are off).
+        self.avail_flags_shadow = 0
+        self.kicks = 0
+        self.kicks_suppressed = 0
+        self.stats_addr = stats_addr
+        self._avail_idx_at = layout.avail + VRING_AVAIL_IDX
+        self._avail_ring_at = layout.avail + 4
+        self._used_idx_at = layout.used + VRING_USED_IDX
+        self._used_ring_at = layout.used + 4
+        self._used_event_at = layout.avail + used_event_offset(layout.num)
+        self._avail_event_at = layout.used + avail_event_offset(layout.num)
+
+    @property
+    def num_free(self) -> int:
+        """Descriptors free for new chains."""
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        """Chains published and not yet consumed from the used ring."""
+        return len(self._chains)
+
+    def next_head(self) -> int:
+        """The head the next :meth:`add` will use (its first free
+        descriptor), so callers can key per-request scratch by it.
+
+        :raises BlockingIOError: when no descriptor is free.
+        """
+        if not self._free:
+            raise BlockingIOError("virtqueue full: no free descriptor")
+        return self._free[-1]
+
+    # -- publishing ------------------------------------------------------
+
+    def add(self, out: list[tuple[int, int]], in_: list[tuple[int, int]],
+            indirect_table: int = 0) -> int:
+        """Write a chain (``out`` readable, then ``in_`` writable buffers,
+        as ``(addr, len)``) and publish it; return its head.
+
+        With ``indirect_table`` (an address with room for all entries)
+        the chain goes there and takes a single ring descriptor.
+
+        :raises BlockingIOError: when there are not enough free
+            descriptors (reap completions first).
+        """
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, _WRITE) for a, n in in_]
+        if not bufs:
+            raise ValueError("a descriptor chain needs at least one buffer")
+        buf = self._buf
+        if indirect_table:
+            for i, (a, n, f) in enumerate(bufs):
+                last = i == len(bufs) - 1
+                DESC.pack_into(buf, indirect_table + 16 * i, a, n,
+                               f if last else f | _NEXT,
+                               0 if last else i + 1)
+            bufs = [(indirect_table, 16 * len(bufs), _INDIRECT)]
+        if len(bufs) > len(self._free):
+            raise BlockingIOError(
+                f"virtqueue full: {len(bufs)} descriptors wanted, "
+                f"{len(self._free)} free")
+        free = self._free
+        descs = [free.pop() for _ in bufs]
+        table = self.layout.desc
+        for i, (a, n, f) in enumerate(bufs):
+            if i + 1 < len(descs):
+                DESC.pack_into(buf, table + 16 * descs[i], a, n, f | _NEXT,
+                               descs[i + 1])
+            else:
+                DESC.pack_into(buf, table + 16 * descs[i], a, n, f, 0)
+        head = descs[0]
+        self._chains[head] = descs
+        U16.pack_into(buf, self._avail_ring_at + 2 * (self.avail_idx
+                                                      % self.num), head)
+        # The slot and the chain must be visible before the index.
+        write_barrier()
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        U16.pack_into(buf, self._avail_idx_at, self.avail_idx)
+        self.num_added += 1
+        return head
+
+    def kick_prepare(self) -> bool:
+        """``virtqueue_kick_prepare``: does the device want a kick?
+
+        Counts a suppressed kick when it does not.
+        """
+        # Our avail.idx store before the device's suppression state:
+        # pairs with the barrier in VirtQueue.set_notification(True).
+        full_barrier()
+        new = self.avail_idx
+        old = (new - self.num_added) & 0xFFFF
+        added = self.num_added
+        self.num_added = 0
+        if not added:
+            return False
+        if self.event_idx:
+            event = U16.unpack_from(self._buf, self._avail_event_at)[0]
+            need = vring_need_event(event, new, old)
+        else:
+            flags = U16.unpack_from(self._buf, self.layout.used
+                                    + VRING_USED_FLAGS)[0]
+            need = not flags & VRING_USED_F_NO_NOTIFY
+        if not need:
+            self.kicks_suppressed += 1
+        return need
+
+    def notify(self) -> None:
+        """``virtqueue_notify``: write the host notifier."""
+        self.kicks += 1
+        if self.host_notifier is not None:
+            self.host_notifier.set()
+
+    def kick(self) -> bool:
+        """Kick unless suppressed; return whether a kick was sent."""
+        if self.kick_prepare():
+            self.notify()
+            return True
+        return False
+
+    # -- consuming -------------------------------------------------------
+
+    def more_used(self) -> bool:
+        """Whether the device has published used elements we have not
+        consumed (one load, no barrier)."""
+        used_idx: int = U16.unpack_from(self._buf, self._used_idx_at)[0]
+        return self.last_used_idx != used_idx
+
+    def get_buf(self) -> tuple[int, int] | None:
+        """``virtqueue_get_buf``: the next ``(head, len)``, or None.
+
+        :raises VirtioError: if the device returned a head that is not
+            in flight (Linux marks the ring broken).
+        """
+        if not self.more_used():
+            return None
+        # The element after the used.idx that published it.
+        read_barrier()
+        slot = self.last_used_idx % self.num
+        head, length = USED_ELEM.unpack_from(
+            self._buf, self._used_ring_at + 8 * slot)
+        descs = self._chains.pop(head, None)
+        if descs is None:
+            raise VirtioError(f"id {head} is not a head!")
+        self._free.extend(reversed(descs))
+        self.last_used_idx = (self.last_used_idx + 1) & 0xFFFF
+        if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            # virtio_store_mb: the device must see how far we got
+            # before we look at used.idx again.
+            U16.pack_into(self._buf, self._used_event_at,
+                          self.last_used_idx)
+            full_barrier()
+        return head, length
+
+    def disable_cb(self) -> None:
+        """``virtqueue_disable_cb``: ask for no interrupts."""
+        if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            return
+        self.avail_flags_shadow |= VRING_AVAIL_F_NO_INTERRUPT
+        if self.event_idx:
+            # What Linux writes: any fixed value does, the device only
+            # fires when used.idx passes it, once per 65536 elements.
+            U16.pack_into(self._buf, self._used_event_at, 0)
+        else:
+            U16.pack_into(self._buf, self.layout.avail + VRING_AVAIL_FLAGS,
+                          self.avail_flags_shadow)
+
+    def enable_cb(self) -> bool:
+        """``virtqueue_enable_cb``: re-arm interrupts, then re-check.
+
+        Returns False if used elements arrived meanwhile (consume them
+        before sleeping), True if it is safe to wait for an interrupt.
+        """
+        if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
+            self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
+            if not self.event_idx:
+                U16.pack_into(self._buf,
+                              self.layout.avail + VRING_AVAIL_FLAGS,
+                              self.avail_flags_shadow)
+        if self.event_idx:
+            U16.pack_into(self._buf, self._used_event_at,
+                          self.last_used_idx)
+        # Our re-arm before the used.idx re-read: pairs with the barrier
+        # at the start of VirtQueue.should_notify.
+        full_barrier()
+        return not self.more_used()
+
+    def publish_stats(self, counters: dict[str, int]) -> None:
+        """Write the counter block (if there is one) for the VMM."""
+        if not self.stats_addr:
+            return
+        counters = dict(counters, kicks=self.kicks,
+                        kicks_suppressed=self.kicks_suppressed)
+        _STATS.pack_into(self._buf, self.stats_addr,
+                         *(counters.get(k, 0) for k in DRIVER_STATS_FIELDS))
