@@ -366,3 +366,28 @@ def test_pretty_output(backend: ModelBackend, tmp_path: Path) -> None:
         s.close()
     assert "QMP" in msgs[0]
     assert msgs[1] == {"return": {}, "id": 1}
+
+
+def test_client_that_stops_reading_is_dropped(server: QMPServer,
+                                              backend: ModelBackend) -> None:
+    # 8 MiB of events, in batches the reading client keeps up with: more
+    # than the kernel buffers plus MAX_OUTPUT_BUFFER for the client that
+    # never reads, which is cut off; the reading client gets them all.
+    n, batch, blob = 8192, 256, "x" * 1024
+    with RawClient(sock(server)) as good, RawClient(sock(server)) as deaf:
+        good.negotiate()
+        deaf.negotiate()
+        for start in range(0, n, batch):
+            for i in range(start, start + batch):
+                backend.emit(MonitorEvent("X_TEST", {"i": i, "blob": blob}))
+            for i in range(start, start + batch):
+                assert good.recv()["data"]["i"] == i
+        assert good.cmd("query-status")["return"]["status"] == "running"
+        got = 0
+        try:
+            while True:
+                deaf.recv()
+                got += 1
+        except (EOFError, ConnectionResetError):
+            pass
+        assert got < n
