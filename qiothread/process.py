@@ -196,6 +196,16 @@ class Child:
                 self.last_words = str(m["error"])
         return msgs
 
+    def poll(self) -> int | None:
+        """Reap the child if it has exited; its ``returncode`` or None.
+
+        Never blocks.  A child reaped here counts as exited, whatever
+        its state was.
+        """
+        if self.returncode is None and not self.alive:
+            self._reap()
+        return self.returncode
+
     def _reap(self) -> int:
         """Reap the exited child (blocks only if it has not exited)."""
         if self.returncode is None:

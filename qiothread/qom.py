@@ -185,11 +185,16 @@ class ObjectRoot:
     """
 
     def __init__(self, types: Mapping[str, type[UserCreatable]],
-                 supervisor: Supervisor | None = None) -> None:
+                 supervisor: Supervisor | None = None,
+                 type_options: Mapping[str, dict[str, Any]] | None = None
+                 ) -> None:
         self.types = dict(types)
         #: Starts the processes of objects that have one (iothreads);
         #: None lets each such object supervise its own.
         self.supervisor = supervisor
+        #: Extra constructor keywords per type, for options that are no
+        #: QOM property (an iothread's fd monitor and polling policy).
+        self.type_options = dict(type_options or {})
         #: id -> object, in creation order.
         self.objects: dict[str, UserCreatable] = {}
 
