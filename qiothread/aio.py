@@ -1,0 +1,698 @@
+"""AioContext: QEMU 7.2's event loop with adaptive busy-polling.
+
+``aio_poll`` follows ``util/aio-posix.c`` of QEMU 7.2 step by step
+(reference §4), in this order:
+
+1. become a walker of the handler list (deferred deletion, §4.7);
+2. compute the timeout from BHs and timers (§4.1);
+3. try poll mode: busy-poll the handlers' ``io_poll`` functions for up
+   to the policy's budget, in user space, without a syscall (§4.2-4.4);
+4. announce the coming sleep in ``notify_me`` and look at ``notified``
+   (the Dekker pair of :mod:`qiothread.notifier`, §3);
+5. wait in the fd monitor (ppoll or epoll) if there is anything to wait
+   for; retract ``notify_me``; ``aio_notify_accept``;
+6. adapt the polling budget to how long the iteration blocked (§4.5);
+7. run BHs, then dispatch the ready handlers in QEMU's order (§4.6),
+   then free handlers deleted meanwhile, then leave the walk;
+8. run expired timers.
+
+What differs between QEMU versions is not forked here but delegated to a
+:class:`~qiothread.policy.PollPolicy` (7.2's by default).
+
+Threads.  Everything runs in the context's home thread (the one calling
+``aio_poll``) except :meth:`AioContext.notify`, ``QEMUBH.schedule*`` and
+the :class:`~qiothread.notifier.AioNotifier` handle, which any thread of
+any process may call.
+
+The GIL.  While ``run_poll_handlers`` busy-polls it holds the GIL, as
+any Python loop does.  Other threads of the process (the aio=threads
+pool) still run because CPython forces a hand-over when a thread has
+waited for the GIL for ``sys.getswitchinterval()`` seconds; the loop
+itself releases it whenever it blocks in ppoll/epoll (a ctypes or
+``select`` call).  The default interval, 5 ms, would let one polling
+round delay a pool worker by that much, so a process that runs an
+iothread with a thread pool should call :func:`tune_gil_for_polling`
+once (IOThread processes do), which shortens the interval to
+:data:`POLL_SWITCH_INTERVAL_S`.  We chose that over dropping the GIL
+inside the polling loop: a release/re-acquire with no waiter is not a
+hand-over (the poller usually takes it straight back), and with a
+waiter the interpreter's forced switching already does the right thing
+at no cost on the polling path.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from select import POLLERR, POLLHUP, POLLIN, POLLOUT
+
+from qiothread import trace_events as te
+from qiothread.barrier import full_barrier
+from qiothread.bh import QEMUBH, BHList
+from qiothread.clock import Clock, MonotonicClock
+from qiothread.event_notifier import EventNotifier
+from qiothread.fdmon import FdMonitor
+from qiothread.fdmon_epoll import EPOLL_ENABLE_THRESHOLD, EpollMonitor
+from qiothread.fdmon_poll import PollMonitor
+from qiothread.notifier import _I_NOTIFIED, AioNotifier, ControlBlock
+from qiothread.policy import PollModeEnd, PollPolicy, make_policy
+from qiothread.stats import (
+    BLOCKING_WAITS,
+    ITERATIONS,
+    NONBLOCKING_WAITS,
+    NS_BLOCKED,
+    NS_POLLING,
+    POLL_NOTIFIED,
+    POLL_PASSES,
+    POLL_PROGRESS,
+    POLL_ROUNDS,
+    POLL_TIMEOUTS,
+    PollStats,
+)
+from qiothread.timers import QEMUTimer, TimerList
+
+__all__ = [
+    "POLL_IDLE_INTERVAL_NS",
+    "POLL_SWITCH_INTERVAL_S",
+    "AioContext",
+    "AioHandler",
+    "tune_gil_for_polling",
+]
+
+#: A poll handler that found nothing for this long leaves the poll set
+#: (only on monitors that support polling).
+POLL_IDLE_INTERVAL_NS = 7_000_000_000
+#: GIL switch interval for processes that poll (see the module text).
+POLL_SWITCH_INTERVAL_S = 50e-6
+
+_READ_EVENTS = POLLIN | POLLHUP | POLLERR     # G_IO_IN|G_IO_HUP|G_IO_ERR
+_WRITE_EVENTS = POLLOUT | POLLERR             # G_IO_OUT|G_IO_ERR
+
+
+def tune_gil_for_polling(interval_s: float = POLL_SWITCH_INTERVAL_S) -> None:
+    """Shorten the process's GIL switch interval for a polling loop.
+
+    Process-wide (``sys.setswitchinterval``); call it once at the start
+    of a process that runs an AioContext next to worker threads.
+    """
+    sys.setswitchinterval(interval_s)
+
+
+def soonest(a: int, b: int) -> int:
+    """``qemu_soonest_timeout``: the smaller, with -1 as infinity."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return a if a < b else b
+
+
+class AioHandler:
+    """One registered fd (QEMU's ``AioHandler``).  Home thread only."""
+
+    __slots__ = (
+        "deleted", "events", "fd", "in_poll", "io_poll", "io_poll_begin",
+        "io_poll_end", "io_poll_ready", "io_read", "io_write",
+        "is_notifier", "poll_idle_timeout", "poll_ns", "poll_ready",
+        "ready_list", "revents",
+    )
+
+    def __init__(self, fd: int, io_read: Callable[[], None] | None,
+                 io_write: Callable[[], None] | None,
+                 io_poll: Callable[[], bool] | None,
+                 io_poll_ready: Callable[[], None] | None) -> None:
+        self.fd = fd
+        self.io_read = io_read
+        self.io_write = io_write
+        self.io_poll = io_poll
+        self.io_poll_ready = io_poll_ready
+        self.io_poll_begin: Callable[[], None] | None = None
+        self.io_poll_end: Callable[[], None] | None = None
+        #: POLL* mask asked of the fd monitor.
+        self.events = (_READ_EVENTS if io_read else 0) | (
+            _WRITE_EVENTS if io_write else 0)
+        #: What the fd monitor reported (0 when found by polling).
+        self.revents = 0
+        #: Found ready by io_poll (QEMU's ``poll_ready``).
+        self.poll_ready = False
+        #: ns of the context clock; 0 = unset (idle removal, §4.4).
+        self.poll_idle_timeout = 0
+        #: For per-handler polling policies (10.0+); 7.2 ignores it.
+        self.poll_ns = 0
+        #: On ``deleted_aio_handlers`` (or already unlinked).
+        self.deleted = False
+        #: On ``poll_aio_handlers``.
+        self.in_poll = False
+        #: The ready list this node is on, if any.
+        self.ready_list: list[AioHandler] | None = None
+        #: The context's own notifier: never progress.
+        self.is_notifier = False
+
+    def __repr__(self) -> str:
+        return (f"<AioHandler fd={self.fd} events={self.events:#x}"
+                f"{' deleted' if self.deleted else ''}"
+                f"{' polled' if self.in_poll else ''}>")
+
+
+class AioContext:
+    """QEMU's AioContext: fd handlers, BHs, timers and adaptive polling.
+
+    ``fdmon`` picks the fd monitor ("poll" or "epoll"); ``epoll_upgrade``
+    lets a poll context switch to epoll at 64 fds (QEMU does when its
+    epoll fd exists, i.e. where io_uring setup failed; a 7.2 IOThread
+    never does, see reference §7.4).  ``control_block`` places
+    ``notify_me``/``notified`` in a caller's shared mapping (a fresh
+    memfd otherwise); ``stats`` likewise for the statistics.
+    """
+
+    EPOLL_ENABLE_THRESHOLD = EPOLL_ENABLE_THRESHOLD
+
+    def __init__(self, *, clock: Clock | None = None, fdmon: str = "poll",
+                 epoll_upgrade: bool = True,
+                 policy: PollPolicy | str | None = None,
+                 control_block: ControlBlock | None = None,
+                 stats: PollStats | None = None,
+                 name: str = "") -> None:
+        self.name = name
+        #: The clock of polling, block_ns and timers (home thread).
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self._now = self.clock.now_ns
+        if policy is None:
+            policy = "7.2"
+        self.policy: PollPolicy = (
+            make_policy(policy) if isinstance(policy, str) else policy)
+        #: Polling statistics (home thread writes; anyone reads).
+        self.stats = stats if stats is not None else PollStats()
+        self.stats.start(self._now())
+        self._stats_q = self.stats.q
+
+        # Adaptive polling, §1.1 (home thread; set_poll_params).
+        self.poll_ns = 0
+        self.poll_max_ns = 0
+        self.poll_grow = 0
+        self.poll_shrink = 0
+        #: 0 = the engine's default (Linux AIO: 32).
+        self.aio_max_batch = 0
+        #: True while io_poll_begin has been called (poll mode).
+        self.poll_started = False
+        #: Handlers without io_poll; > 0 disables polling (poll/epoll).
+        self.poll_disable_cnt = 0
+
+        # Handler lists, §1.1 (home thread).
+        #: ``aio_handlers``, newest first, deleted-but-unfreed included.
+        self.handlers: list[AioHandler] = []
+        #: Live (non-deleted) node per fd.
+        self.fd_handlers: dict[int, AioHandler] = {}
+        #: Bumped on every change of the set (fd monitors regather).
+        self.handlers_gen = 0
+        self._deleted: list[AioHandler] = []
+        #: ``poll_aio_handlers``, newest first.
+        self._poll_nodes: list[AioHandler] = []
+        # (io_poll, node) pairs of the poll list, for the hot loop.
+        self._poll_pairs: tuple[tuple[Callable[[], bool], AioHandler],
+                                ...] = ()
+        # QEMU's list_lock count: aio_poll / poll_set_started walkers.
+        self._walkers = 0
+
+        # The wake-up pair and the context notifier, §3.
+        self._block = (control_block if control_block is not None
+                       else ControlBlock.create())
+        self._own_block = control_block is None
+        self._ctl = self._block.u32
+        self._notify_me = self._block.notify_me
+        self.notifier = EventNotifier()
+        self._aio_notifier = AioNotifier(self.notifier, self._block)
+        #: ``aio_notify``: any thread (bound straight to the handle).
+        self.notify: Callable[[], None] = self._aio_notifier.notify
+
+        self._bhs = BHList(self.notify)
+        self._timers = TimerList(self._now, self.notify)
+
+        self._epoll_upgrade = epoll_upgrade
+        self.fdmon: FdMonitor
+        if fdmon == "poll":
+            self.fdmon = PollMonitor(self)
+        elif fdmon == "epoll":
+            self.fdmon = EpollMonitor(self)
+        else:
+            raise ValueError(f"unknown fd monitor {fdmon!r} "
+                             "(expected 'poll' or 'epoll')")
+
+        ctl = self._ctl
+        clear = self.notifier.test_and_clear
+
+        def notifier_read() -> None:
+            clear()
+
+        def notifier_poll() -> bool:
+            return ctl[_I_NOTIFIED] != 0
+
+        def notifier_poll_ready() -> None:
+            pass                # the wake-up itself was the point
+
+        self.set_event_notifier(self.notifier, notifier_read,
+                                notifier_poll, notifier_poll_ready)
+        self.fd_handlers[self.notifier.fileno()].is_notifier = True
+
+    # ------------------------------------------------------------------
+    # Handlers (§2)
+
+    def set_fd_handler(self, fd: int,
+                       io_read: Callable[[], None] | None,
+                       io_write: Callable[[], None] | None = None,
+                       io_poll: Callable[[], bool] | None = None,
+                       io_poll_ready: Callable[[], None] | None = None
+                       ) -> None:
+        """``aio_set_fd_handler``: add, replace, or (all None) delete.
+
+        A replacement is a new node: it loses the old one's poll hooks,
+        poll-set membership and idle timeout.  Home thread only.
+        """
+        if io_poll is not None and io_poll_ready is None:
+            io_poll = None          # polling is useless without it
+        old = self.fd_handlers.get(fd)
+        new: AioHandler | None = None
+        if io_read is None and io_write is None and io_poll is None:
+            if old is None:
+                return
+            old.events = 0          # unregister from epoll
+            if old.io_poll is None:
+                self.poll_disable_cnt -= 1
+            del self.fd_handlers[fd]
+        else:
+            new = AioHandler(fd, io_read, io_write, io_poll, io_poll_ready)
+            if old is not None:
+                new.revents = old.revents
+                new.is_notifier = old.is_notifier
+            self.handlers.insert(0, new)
+            self.fd_handlers[fd] = new
+            self.poll_disable_cnt += (io_poll is None) - (
+                old is not None and old.io_poll is None)
+        self.handlers_gen += 1
+        self.fdmon.update(old, new)
+        if old is not None:
+            old.revents = 0
+            old.poll_ready = False
+            old.deleted = True
+            if self._walkers:
+                self._deleted.append(old)
+            else:
+                self._unlink(old)
+                self._rebuild_poll_pairs()
+        self.notify()
+
+    def set_fd_poll(self, fd: int,
+                    io_poll_begin: Callable[[], None] | None,
+                    io_poll_end: Callable[[], None] | None) -> None:
+        """``aio_set_fd_poll``: poll-mode hooks of the current node."""
+        node = self.fd_handlers.get(fd)
+        if node is not None:
+            node.io_poll_begin = io_poll_begin
+            node.io_poll_end = io_poll_end
+
+    def set_event_notifier(self, n: EventNotifier,
+                           io_read: Callable[[], None] | None,
+                           io_poll: Callable[[], bool] | None = None,
+                           io_poll_ready: Callable[[], None] | None = None
+                           ) -> None:
+        """``aio_set_event_notifier``: a read handler on an eventfd."""
+        self.set_fd_handler(n.fileno(), io_read, None, io_poll,
+                            io_poll_ready)
+
+    def set_event_notifier_poll(self, n: EventNotifier,
+                                begin: Callable[[], None] | None,
+                                end: Callable[[], None] | None) -> None:
+        """``aio_set_event_notifier_poll``."""
+        self.set_fd_poll(n.fileno(), begin, end)
+
+    def _unlink(self, node: AioHandler) -> None:
+        self.handlers.remove(node)
+        if node.in_poll:
+            node.in_poll = False
+            self._poll_nodes.remove(node)
+
+    def _rebuild_poll_pairs(self) -> None:
+        self._poll_pairs = tuple(
+            (n.io_poll, n) for n in self._poll_nodes
+            if n.io_poll is not None)
+
+    def _free_deleted_handlers(self) -> None:
+        """``aio_free_deleted_handlers``: only the last walker frees."""
+        if not self._deleted or self._walkers != 1:
+            return
+        for node in self._deleted:
+            self._unlink(node)
+        self._deleted.clear()
+        self.handlers_gen += 1
+        self._rebuild_poll_pairs()
+
+    def add_ready_handler(self, ready: list[AioHandler], node: AioHandler,
+                          revents: int) -> None:
+        """``aio_add_ready_handler``: push at the head of ``ready``.
+
+        A node already on a ready list (a parent ``aio_poll``'s) is
+        taken off it first.
+        """
+        old = node.ready_list
+        if old is not None:
+            old.remove(node)
+        node.revents = revents
+        ready.append(node)
+        node.ready_list = ready
+
+    # ------------------------------------------------------------------
+    # The loop (§4)
+
+    def aio_poll(self, blocking: bool) -> bool:
+        """One iteration of the event loop; True if it made progress.
+
+        Home thread only; may be nested (from a callback).
+        """
+        now = self._now
+        q = self._stats_q
+        q[ITERATIONS] += 1
+        ready: list[AioHandler] = []
+        self._walkers += 1
+        poll_max_ns = self.poll_max_ns
+        start = now() if poll_max_ns else 0
+
+        timeout = self._compute_timeout() if blocking else 0
+        progress, timeout = self._try_poll_mode(ready, timeout)
+        assert not (timeout and progress)
+
+        fdmon = self.fdmon
+        use_notify_me = timeout != 0
+        if use_notify_me:
+            # Pairs with the full barrier in aio_notify: this RMW is a
+            # full barrier itself, so notified is read after notify_me
+            # is visible.
+            self._notify_me.fetch_add(2)
+            if self._ctl[_I_NOTIFIED]:
+                timeout = 0         # kicked already: do not sleep
+        if timeout or fdmon.need_wait():
+            if self.policy.poll_mode_end is PollModeEnd.BEFORE_WAIT and (
+                    self.poll_set_started(ready, False)):
+                timeout = 0
+                progress = True
+            if timeout:
+                q[BLOCKING_WAITS] += 1
+                t = now()
+                fdmon.wait(ready, timeout)
+                q[NS_BLOCKED] += now() - t
+            else:
+                q[NONBLOCKING_WAITS] += 1
+                fdmon.wait(ready, 0)
+        if use_notify_me:
+            self._notify_me.fetch_sub(2)
+        # aio_notify_accept: a notify from now on must be seen by the
+        # next iteration; the barrier orders the clear before the
+        # reads of BH flags and handler state below.
+        self._ctl[_I_NOTIFIED] = 0
+        full_barrier()
+
+        if poll_max_ns:
+            t = now()
+            block_ns = t - start
+            self.policy.adjust(self, block_ns, t)
+        else:
+            block_ns = 0
+
+        if self._bhs.poll():
+            progress = True
+        if ready and self._dispatch_ready_handlers(ready, block_ns):
+            progress = True
+        self._free_deleted_handlers()
+        self._walkers -= 1
+        if self._timers.timers and self._timers.run_timers():
+            progress = True
+        return progress
+
+    def _compute_timeout(self) -> int:
+        """``aio_compute_timeout``: ns, -1 infinite, 0 do not block."""
+        t = self._bhs.compute_timeout()
+        if t == 0:
+            return 0
+        deadline = self._timers.deadline_ns()
+        if deadline == 0:
+            return 0
+        return soonest(t, deadline)
+
+    def _try_poll_mode(self, ready: list[AioHandler],
+                       timeout: int) -> tuple[bool, int]:
+        """§4.2; returns (progress, new timeout)."""
+        if not self._poll_pairs:
+            return False, timeout
+        max_ns = soonest(timeout, self.policy.poll_budget(self))
+        if max_ns and not self.fdmon.need_wait():
+            self.poll_set_started(ready, True)
+            progress, timeout = self.run_poll_handlers(
+                ready, max_ns, timeout)
+            if progress:
+                return True, timeout
+        if self.policy.poll_mode_end is PollModeEnd.IN_TRY_POLL_MODE and (
+                self.poll_set_started(ready, False)):
+            return True, 0
+        return False, timeout
+
+    def run_poll_handlers(self, ready: list[AioHandler], max_ns: int,
+                          timeout: int) -> tuple[bool, int]:
+        """Busy-poll for up to ``max_ns`` (§4.3); (progress, timeout).
+
+        The hot path: locals only, no allocation per pass.
+        """
+        if te.run_poll_handlers_begin.enabled:
+            te.run_poll_handlers_begin(self, max_ns, timeout)
+        now = self._now
+        need_wait = self.fdmon.need_wait
+        pairs = self._poll_pairs
+        add = self.add_ready_handler
+        q = self._stats_q
+        progress = False
+        hit = False
+        passes = 0
+        t0 = now()
+        idle_deadline = t0 + POLL_IDLE_INTERVAL_NS
+        while True:
+            passes += 1
+            for io_poll, node in pairs:
+                if io_poll():
+                    add(ready, node, 0)
+                    node.poll_ready = True
+                    node.poll_idle_timeout = idle_deadline
+                    hit = True
+                    if not node.is_notifier:
+                        progress = True
+            elapsed = now() - t0
+            # A hit sets timeout to 0, and max_ns = soonest(timeout,
+            # max_ns) to 0 with it: the loop ends at once.
+            if hit or elapsed >= max_ns or need_wait():
+                break
+        if hit:
+            timeout = 0
+        q[POLL_ROUNDS] += 1
+        q[POLL_PASSES] += passes
+        q[NS_POLLING] += elapsed
+        if progress:
+            q[POLL_PROGRESS] += 1
+        elif hit:
+            q[POLL_NOTIFIED] += 1
+        else:
+            q[POLL_TIMEOUTS] += 1
+        if self.fdmon.supports_polling and self._remove_idle_poll_handlers(
+                ready, t0 + elapsed):
+            timeout = 0
+            progress = True
+        if timeout != -1:
+            timeout -= min(timeout, elapsed)  # same absolute deadline
+        if te.run_poll_handlers_end.enabled:
+            te.run_poll_handlers_end(self, progress, timeout)
+        return progress, timeout
+
+    def poll_set_started(self, ready: list[AioHandler],
+                         started: bool) -> bool:
+        """Enter or leave poll mode (§4.4); True if the final poll hit.
+
+        Leaving calls io_poll_end and then io_poll once more on every
+        poll handler, closing the race with work that arrived just
+        before notifications were re-enabled.
+        """
+        if started == self.poll_started:
+            return False
+        self.poll_started = started
+        self._walkers += 1
+        progress = False
+        for io_poll, node in self._poll_pairs:
+            if node.deleted:
+                continue
+            if started:
+                if node.io_poll_begin is not None:
+                    node.io_poll_begin()
+            else:
+                if node.io_poll_end is not None:
+                    node.io_poll_end()
+                if io_poll():
+                    self.add_ready_handler(ready, node, 0)
+                    node.poll_ready = True
+                    progress = True
+        self._walkers -= 1
+        return progress
+
+    def _remove_idle_poll_handlers(self, ready: list[AioHandler],
+                                   now: int) -> bool:
+        """Drop poll handlers idle for 7 s (polling monitors only)."""
+        progress = False
+        changed = False
+        for node in list(self._poll_nodes):
+            if node.poll_idle_timeout == 0:
+                node.poll_idle_timeout = now + POLL_IDLE_INTERVAL_NS
+            elif now >= node.poll_idle_timeout:
+                te.poll_remove(self, node, node.fd)
+                node.poll_idle_timeout = 0
+                node.in_poll = False
+                self._poll_nodes.remove(node)
+                changed = True
+                if self.poll_started and node.io_poll_end is not None:
+                    node.io_poll_end()
+                    if node.io_poll is not None and node.io_poll():
+                        self.add_ready_handler(ready, node, 0)
+                        node.poll_ready = True
+                        progress = True
+        if changed:
+            self._rebuild_poll_pairs()
+        return progress
+
+    def _dispatch_ready_handlers(self, ready: list[AioHandler],
+                                 block_ns: int) -> bool:
+        """Pop from the head until empty (§4.6)."""
+        progress = False
+        per_handler = self.policy.per_handler
+        while ready:
+            node = ready.pop()
+            node.ready_list = None
+            if self._dispatch_handler(node):
+                progress = True
+            if per_handler and node.in_poll:
+                self.policy.handler_dispatched(self, node, block_ns,
+                                               self._now())
+        return progress
+
+    def _dispatch_handler(self, node: AioHandler) -> bool:
+        """``aio_dispatch_handler``: join the poll set, then run it."""
+        revents = node.revents & node.events
+        node.revents = 0
+        poll_ready = node.poll_ready
+        node.poll_ready = False
+
+        if not node.deleted and not node.in_poll and (
+                node.io_poll is not None):
+            if te.poll_add.enabled:
+                te.poll_add(self, node, node.fd, revents)
+            if self.poll_started and node.io_poll_begin is not None:
+                node.io_poll_begin()
+            node.in_poll = True
+            self._poll_nodes.insert(0, node)
+            self._rebuild_poll_pairs()
+
+        if (not node.deleted and poll_ready and revents == 0
+                and node.io_poll_ready is not None):
+            node.io_poll_ready()
+            return not node.is_notifier
+
+        progress = False
+        if (not node.deleted and revents & _READ_EVENTS
+                and node.io_read is not None):
+            node.io_read()
+            progress = not node.is_notifier
+        if (not node.deleted and revents & _WRITE_EVENTS
+                and node.io_write is not None):
+            node.io_write()
+            progress = True
+        return progress
+
+    # ------------------------------------------------------------------
+    # fd monitor switching (§7.2)
+
+    def try_upgrade_to_epoll(self, nfds: int) -> FdMonitor | None:
+        """``fdmon_epoll_try_upgrade``: from poll at 64+ fds, once."""
+        if not self._epoll_upgrade or nfds < EPOLL_ENABLE_THRESHOLD:
+            return None
+        self._epoll_upgrade = False     # no second attempt
+        ep = EpollMonitor(self)
+        try:
+            ep.add_all([n for n in self.handlers
+                        if not n.deleted and n.events])
+        except OSError:
+            ep.close()
+            return None
+        self.fdmon.close()
+        self.fdmon = ep
+        return ep
+
+    def disable_epoll(self, ep: EpollMonitor) -> None:
+        """``fdmon_epoll_disable``: back to poll for good."""
+        if self.fdmon is ep:
+            ep.close()
+            self.fdmon = PollMonitor(self)
+            self._epoll_upgrade = False
+
+    # ------------------------------------------------------------------
+    # Parameters, BHs, timers, wake-up
+
+    def set_poll_params(self, max_ns: int, grow: int, shrink: int) -> None:
+        """``aio_context_set_poll_params``: store, reset, notify."""
+        self.poll_max_ns = max_ns
+        self.poll_grow = grow
+        self.poll_shrink = shrink
+        self.policy.reset(self)
+        self.notify()
+
+    def set_aio_params(self, max_batch: int) -> None:
+        """``aio_context_set_aio_params``."""
+        self.aio_max_batch = max_batch
+        self.notify()
+
+    def bh_new(self, cb: Callable[[], None], name: str = "") -> QEMUBH:
+        """``aio_bh_new``: a BH to schedule later (any thread may)."""
+        return QEMUBH(self._bhs, cb, name)
+
+    def bh_schedule_oneshot(self, cb: Callable[[], None],
+                            name: str = "") -> None:
+        """``aio_bh_schedule_oneshot``: run ``cb`` once.  Any thread."""
+        self._bhs.schedule_oneshot(cb, name)
+
+    def bh_poll(self) -> bool:
+        """``aio_bh_poll`` (home thread)."""
+        return self._bhs.poll()
+
+    def timer_new_ns(self, cb: Callable[[], None]) -> QEMUTimer:
+        """``aio_timer_new`` on the context clock, in ns."""
+        return self._timers.new(cb)
+
+    def remote_handle(self) -> AioNotifier:
+        """The ``aio_notify`` handle for other threads and processes."""
+        return self._aio_notifier
+
+    @property
+    def notified(self) -> bool:
+        return self._ctl[_I_NOTIFIED] != 0
+
+    @property
+    def notify_me(self) -> int:
+        return self._notify_me.load()
+
+    # Thread-safe name for the cross-thread entry point (STYLE §3.2).
+    def notify_threadsafe(self) -> None:
+        self.notify()
+
+    def close(self) -> None:
+        """Release the notifier, fd monitor and control block."""
+        self.set_event_notifier(self.notifier, None)
+        self.fdmon.close()
+        self.notifier.close()
+        if self._own_block:
+            self._block.close()
+
+    def __repr__(self) -> str:
+        return (f"<AioContext {self.name or hex(id(self))} "
+                f"fdmon={self.fdmon.name} policy={self.policy.name} "
+                f"poll_ns={self.poll_ns}>")
