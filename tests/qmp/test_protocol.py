@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from qiothread.qmp.protocol import (
     MAX_NESTING,
@@ -132,3 +135,46 @@ def test_regression_nothing_after_fatal_error() -> None:
                               fatal=True)]
     assert s.dead
     assert list(s.feed(b'{"c": 2}')) == []
+
+
+# -- properties ---------------------------------------------------------------
+
+_json_values = st.recursive(
+    st.none() | st.booleans()
+    | st.integers(min_value=-(1 << 63), max_value=(1 << 64) - 1)
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4)
+    | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=8), _json_values, max_size=5),
+       st.lists(st.integers(min_value=1, max_value=64), max_size=10))
+def test_any_json_object_parses_back_however_split(
+        obj: dict[str, Any], cuts: list[int]) -> None:
+    data = json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+    s = JSONStreamer()
+    out: list[Any] = []
+    pos = 0
+    for cut in cuts:
+        out += s.feed(data[pos:pos + cut])
+        pos += cut
+    out += s.feed(data[pos:])
+    assert out == [obj]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=512))
+def test_garbage_never_raises_and_stream_recovers(junk: bytes) -> None:
+    s = JSONStreamer(4096)
+    for item in s.feed(junk):
+        assert not isinstance(item, ParseError) or item.desc.startswith(
+            ("JSON parse error, ", "JSON nesting", "JSON token"))
+    if s.dead:
+        return
+    # A newline, a stray '}' closes anything left open; then a valid
+    # command is understood again.
+    out = list(s.feed(b"\n" + b"]}" * 1100 + b'\n{"execute": "x"}\n'))
+    assert out[-1] == {"execute": "x"}
