@@ -192,6 +192,9 @@ class IOThread(EventLoopBase):
         self.child: Child | None = None
         #: OS thread id of the loop; -1 until started (QEMU's default).
         self.thread_id = -1
+        #: Devices whose queues this iothread serves; ``object-del`` is
+        #: refused while there are any.
+        self.users = 0
         # Iothread process only.
         self._running = False
         self._stop_scheduled = False
@@ -236,6 +239,9 @@ class IOThread(EventLoopBase):
         super().complete()
         if self._start_on_complete:
             self.start()
+
+    def can_be_deleted(self) -> bool:
+        return self.users == 0
 
     # -- life cycle (main process) ---------------------------------------
 

@@ -20,7 +20,7 @@ import pytest
 
 from qiothread import trace
 from qiothread.aio import AioContext
-from qiothread.errors import ChildProcessError_
+from qiothread.errors import ChildProcessError_, QMPCommandError
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
 from qiothread.process import ChildState, Supervisor
@@ -138,8 +138,9 @@ def _trace_lines(path: Path) -> list[str]:
     return path.read_text().splitlines() if path.exists() else []
 
 
+@pytest.mark.parametrize("fdmon", ["poll", "epoll"])
 def test_live_poll_max_ns_change_reaches_the_loop(
-        root: ObjectRoot, tmp_path: Path) -> None:
+        root: ObjectRoot, tmp_path: Path, fdmon: str) -> None:
     """poll-max-ns 0 -> 65536 from the main process while the loop runs.
 
     The loop applies it (set_poll_params: poll_ns back to 0, then grown
@@ -148,7 +149,7 @@ def test_live_poll_max_ns_change_reaches_the_loop(
     context still has only its own notifier and poll_disable_cnt 0.
     """
     log = tmp_path / "trace.log"
-    io = IOThread("io0", supervisor=root.supervisor,
+    io = IOThread("io0", supervisor=root.supervisor, fdmon=fdmon,
                   start_on_complete=False)
     io.set("poll-max-ns", 0)
     io.on_start(lambda ctx: trace.configure(
@@ -328,3 +329,60 @@ def test_params_are_copied_under_the_sequence_lock(
     seen.close()
     assert applies >= 2
     assert mixed == 0
+
+
+def test_thread_id_is_minus_one_until_started(root: ObjectRoot) -> None:
+    io = IOThread("io5", supervisor=root.supervisor,
+                  start_on_complete=False)
+    root.objects["io5"] = io
+    io.complete()
+    assert io.info()["thread-id"] == -1
+    assert io.stop() is None
+    io.start()
+    assert io.info()["thread-id"] == io.thread_id > 0
+
+
+def test_exception_in_the_loop_is_reported_with_its_text(
+        root: ObjectRoot) -> None:
+    io = IOThread("io0", supervisor=root.supervisor,
+                  start_on_complete=False)
+    root.objects["io0"] = io
+
+    def bad_bh() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    io.on_start(lambda ctx: ctx.bh_schedule_oneshot(bad_bh))
+    io.complete()
+    io.start()                      # ready first, then the BH runs
+    assert io.child is not None
+    wait_until(lambda: not io.alive)
+    with pytest.raises(ChildProcessError_) as e:
+        io.check()
+    assert str(e.value) == (
+        f"iothread 'io0' (pid {io.child.pid}) exited with status 1: "
+        "ZeroDivisionError: division by zero")
+
+
+def test_stop_kills_an_iothread_stuck_in_a_callback(
+        root: ObjectRoot) -> None:
+    io = IOThread("io0", supervisor=root.supervisor,
+                  start_on_complete=False)
+    root.objects["io0"] = io
+    io.on_start(lambda ctx: ctx.bh_schedule_oneshot(
+        lambda: time.sleep(3600)))
+    io.complete()
+    io.start()
+    assert io.stop(timeout=0.3) == -signal.SIGKILL
+
+
+def test_object_del_refused_while_in_use(root: ObjectRoot) -> None:
+    io = add(root, "iothread,id=io0")
+    io.users += 1
+    with pytest.raises(QMPCommandError) as e:
+        root.object_del("io0")
+    assert str(e.value) == "object 'io0' is in use, can not be deleted"
+    assert io.alive
+    io.users -= 1
+    root.object_del("io0")
+    # Stopped cleanly and reaped.
+    assert io.child is not None and io.child.returncode == 0
