@@ -273,6 +273,8 @@ def _child_main(target: Callable[[ReadyChannel], None], pipe_w: int,
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        # The parent forked with SIGINT blocked; the mask is inherited.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent_pid:
             os._exit(EXIT_FAILURE)
@@ -347,13 +349,16 @@ class Supervisor:
         parent_pid = os.getpid()
         sys.stdout.flush()
         sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - runs in the child only
-            _child_main(target, pipe_w, parent_pid, comm, close_fds)
-        os.close(pipe_w)
-        pidfd = os.pidfd_open(pid)
-        child = Child(name, pid, pidfd, pipe_r, stop_request, may_exit)
-        self.children.append(child)
+        # A Ctrl-C between fork and the bookkeeping below would leave a
+        # child nobody stops: hold SIGINT back until it is registered.
+        with _sigint_blocked():
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - runs in the child only
+                _child_main(target, pipe_w, parent_pid, comm, close_fds)
+            os.close(pipe_w)
+            pidfd = os.pidfd_open(pid)
+            child = Child(name, pid, pidfd, pipe_r, stop_request, may_exit)
+            self.children.append(child)
         self._wait_ready(child, ready_timeout)
         return child
 

@@ -323,3 +323,19 @@ def _is_zombie(pid: int) -> bool:
     except OSError:
         return True
     return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def _report_sigmask(ch: ReadyChannel) -> None:
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    ch.ready(blocked=sorted(int(s) for s in blocked),
+             sigint=str(signal.getsignal(signal.SIGINT)))
+
+
+def test_child_starts_with_sigint_ignored_not_blocked() -> None:
+    with Supervisor() as sup:
+        c = sup.start("guest 'g5'", _report_sigmask, may_exit=True)
+    assert int(signal.SIGINT) not in c.info["blocked"]
+    assert c.info["sigint"] == str(signal.SIG_IGN)
+    # And the parent's own mask is as it was.
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK,
+                                                       set())
