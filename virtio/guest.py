@@ -29,12 +29,23 @@ import time
 from dataclasses import dataclass
 
 from qiothread.event_notifier import EventNotifier
-from virtio.blk_defs import DWZ_SEGMENT, OUTHDR, VirtioBlkType
+from virtio.blk_defs import (
+    DWZ_SEGMENT,
+    OUTHDR,
+    VirtioBlkFeature,
+    VirtioBlkType,
+)
 from virtio.driver import VringDriver
 from virtio.memory import GuestMemory
-from virtio.ring import VRING_DESC_SIZE, VringLayout
+from virtio.ring import (
+    VRING_DESC_SIZE,
+    VirtioFeature,
+    VringLayout,
+    feature_bit,
+)
 
-__all__ = ["Completion", "GuestBlkDriver"]
+__all__ = ["DRIVER_FEATURES", "Completion", "GuestBlkDriver",
+           "negotiate_features"]
 
 #: Per-head scratch: out header (16), DWZ segment (16), status (1).
 _SLOT = 48
@@ -42,6 +53,32 @@ _HDR, _DWZ, _STATUS = 0, 16, 32
 #: The status byte before the device writes it: not a valid status.
 STATUS_UNSET = 0xFF
 _STAMP = struct.Struct("<QQ")
+
+
+def _mask(*bits: int) -> int:
+    m = 0
+    for b in bits:
+        m |= feature_bit(b)
+    return m
+
+
+#: What Linux's virtio_blk and virtio_ring accept: its device features
+#: and the transport features it keeps (NOTIFY_ON_EMPTY is legacy-only
+#: and not among them, so a modern Linux guest never negotiates it).
+DRIVER_FEATURES = _mask(
+    VirtioBlkFeature.SIZE_MAX, VirtioBlkFeature.SEG_MAX,
+    VirtioBlkFeature.GEOMETRY, VirtioBlkFeature.RO,
+    VirtioBlkFeature.BLK_SIZE, VirtioBlkFeature.FLUSH,
+    VirtioBlkFeature.TOPOLOGY, VirtioBlkFeature.CONFIG_WCE,
+    VirtioBlkFeature.MQ, VirtioBlkFeature.DISCARD,
+    VirtioBlkFeature.WRITE_ZEROES, VirtioFeature.RING_INDIRECT_DESC,
+    VirtioFeature.RING_EVENT_IDX, VirtioFeature.VERSION_1)
+
+
+def negotiate_features(host_features: int,
+                       driver_features: int = DRIVER_FEATURES) -> int:
+    """The features a Linux guest would accept from ``host_features``."""
+    return host_features & driver_features
 
 
 @dataclass(slots=True)
@@ -131,12 +168,17 @@ class GuestBlkDriver:
         DISCARD and WRITE_ZEROES take ``nbytes`` and ``flags`` instead.
         With ``kick=False`` the kick decision waits for :meth:`kick`.
 
-        :raises ValueError: for an offset not in 512-byte units.
+        :raises ValueError: for an offset not in 512-byte units, or more
+            buffers than ``max_segments`` with indirect descriptors.
         :raises BlockingIOError: when the ring has no room.
         """
         if offset % 512 or offset < 0:
             raise ValueError(f"offset {offset} is not a multiple of 512")
         buffers = buffers or []
+        if self.use_indirect and len(buffers) > self.max_segments:
+            raise ValueError(
+                f"{len(buffers)} buffers, more than max_segments="
+                f"{self.max_segments}")
         sector = offset // 512
         vr = self.vring
         if not self.can_submit(len(buffers)):
