@@ -360,6 +360,19 @@ class AioContext:
         ready.append(node)
         node.ready_list = ready
 
+    @staticmethod
+    def _add_poll_ready(ready: list[AioHandler], node: AioHandler) -> None:
+        """``aio_add_poll_ready_handler``: like the above, by polling.
+
+        ``revents`` is left alone; ``poll_ready`` marks the node.
+        """
+        old = node.ready_list
+        if old is not None:
+            old.remove(node)
+        node.poll_ready = True
+        ready.append(node)
+        node.ready_list = ready
+
     # ------------------------------------------------------------------
     # The loop (§4)
 
@@ -465,7 +478,7 @@ class AioContext:
         now = self._now
         need_wait = self.fdmon.need_wait
         pairs = self._poll_pairs
-        add = self.add_ready_handler
+        add = self._add_poll_ready
         q = self._stats_q
         progress = False
         hit = False
@@ -476,8 +489,7 @@ class AioContext:
             passes += 1
             for io_poll, node in pairs:
                 if io_poll():
-                    add(ready, node, 0)
-                    node.poll_ready = True
+                    add(ready, node)
                     node.poll_idle_timeout = idle_deadline
                     hit = True
                     if not node.is_notifier:
@@ -530,9 +542,11 @@ class AioContext:
             else:
                 if node.io_poll_end is not None:
                     node.io_poll_end()
+                # The final poll: io_poll_end may have raced with an
+                # event.  (QEMU counts a hit here as progress even for
+                # the ctx notifier.)
                 if io_poll():
-                    self.add_ready_handler(ready, node, 0)
-                    node.poll_ready = True
+                    self._add_poll_ready(ready, node)
                     progress = True
         self._walkers -= 1
         return progress
@@ -554,8 +568,7 @@ class AioContext:
                 if self.poll_started and node.io_poll_end is not None:
                     node.io_poll_end()
                     if node.io_poll is not None and node.io_poll():
-                        self.add_ready_handler(ready, node, 0)
-                        node.poll_ready = True
+                        self._add_poll_ready(ready, node)
                         progress = True
         if changed:
             self._rebuild_poll_pairs()
@@ -667,6 +680,16 @@ class AioContext:
     def timer_new_ns(self, cb: Callable[[], None]) -> QEMUTimer:
         """``aio_timer_new`` on the context clock, in ns."""
         return self._timers.new(cb)
+
+    def notify_accept(self) -> None:
+        """``aio_notify_accept``: forget a pending notify (home thread).
+
+        ``aio_poll`` does this after every wait; the full barrier
+        orders the clear before the caller's next reads of the state
+        the notifier published.
+        """
+        self._ctl[_I_NOTIFIED] = 0
+        full_barrier()
 
     def remote_handle(self) -> AioNotifier:
         """The ``aio_notify`` handle for other threads and processes."""

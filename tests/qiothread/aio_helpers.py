@@ -10,7 +10,9 @@ and the test knows ``block_ns`` exactly.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
@@ -40,6 +42,9 @@ class ScriptedMonitor(FdMonitor):
         self.default_ns = 0
         #: (timeout_ns, advanced_ns) of every wait, for assertions.
         self.waits: list[tuple[int, int]] = []
+        #: If set, called with the timeout instead of the script; it
+        #: returns the ns to advance (it may also set fds).
+        self.hook: Callable[[int], int] | None = None
 
     def update(self, old: AioHandler | None,
                new: AioHandler | None) -> None:
@@ -49,7 +54,12 @@ class ScriptedMonitor(FdMonitor):
         return self.inner.need_wait()
 
     def wait(self, ready: list[AioHandler], timeout_ns: int) -> int:
-        step = self.script.pop(0) if self.script else self.default_ns
+        if self.hook is not None:
+            step = self.hook(timeout_ns)
+        elif self.script:
+            step = self.script.pop(0)
+        else:
+            step = self.default_ns
         if timeout_ns >= 0:
             step = min(step, timeout_ns)
         self.clock.advance(step)
@@ -58,6 +68,29 @@ class ScriptedMonitor(FdMonitor):
 
     def close(self) -> None:
         self.inner.close()
+
+
+def kick_when_blocked(ctx: AioContext) -> threading.Thread:
+    """A thread that notifies once ``ctx`` is blocked in aio_poll."""
+
+    def run() -> None:
+        while ctx.notify_me == 0:
+            time.sleep(0.0005)
+        ctx.notify()
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def warm_notifier(ctx: AioContext) -> None:
+    """Make the ctx notifier join the poll set, as its first wake-up
+    through the eventfd does on QEMU (``poll_add ... revents 0x1``)."""
+    ctx.aio_poll(False)
+    t = kick_when_blocked(ctx)
+    ctx.aio_poll(True)
+    t.join()
+    assert ctx.fd_handlers[ctx.notifier.fileno()].in_poll
 
 
 def make_ctx(fdmon: str, clock: VirtualClock | None = None,
