@@ -88,7 +88,9 @@ def fio_percentiles(values_ns: npt.ArrayLike,
     Returns one value per entry of ``plist`` (an empty list when there
     are no values).
     """
-    v = np.asarray(values_ns, dtype=np.int64)
+    # A negative duration can only come from a caller's bug, but it
+    # must not crash a report: it counts in the lowest bucket.
+    v = np.maximum(np.asarray(values_ns, dtype=np.int64), 0)
     if v.size == 0 or not plist:
         return []
     hist = np.bincount(plat_val_to_idx(v), minlength=FIO_IO_U_PLAT_NR)

@@ -90,3 +90,9 @@ def test_window_samples_500ms() -> None:
     s = stats.window_samples(t, b, 0, 1550 * ms)
     assert s.bw_kib.tolist() == [24, 16]
     assert s.iops.tolist() == [6, 2]
+
+
+def test_regression_negative_duration_does_not_crash() -> None:
+    # A stage computed from a missing stamp once reached the histogram
+    # as a negative value and np.bincount raised; it now counts as 0.
+    assert stats.fio_percentiles([-5, 10, 20], (50.0, 100.0)) == [10, 20]
