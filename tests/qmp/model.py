@@ -1,12 +1,14 @@
-"""An in-process QMPBackend over the real property model.
+"""An in-process QMPBackend over real IOThread objects.
 
-The iothreads are ``qiothread.qom`` objects under a real ``ObjectRoot``,
-so every value check and message comes from the same code as
-``-object iothread,...`` at start-up; nothing here answers with a canned
-value.  There are no iothread processes: ``thread-id`` is -1 (QEMU's
-value before the thread started) and the polling statistics are those
-of a loop that never ran.  The drive is a real file whose size and name
-come from the file system.  Tests of a live run use ``qiothread run``.
+The iothreads are ``qiothread.iothread.IOThread`` objects under a real
+``ObjectRoot``: every value check and message comes from the same code
+as ``-object iothread,...`` at start-up, each iothread is a real process
+running its AioContext, and ``qom-set`` reaches it the way it does in a
+run (shared parameter block and ``aio_notify``).  Thread ids and polling
+statistics are read live from those processes.  What is missing next to
+``qiothread run`` is the devices and guests: the drive is a real file
+(its name and size come from the file system) with no I/O on it, so its
+statistics stay 0.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from qiothread.errors import ConfigError
+from qiothread.iothread import IOThread
+from qiothread.process import Supervisor
 from qiothread.qmp.backend import (
     BlockDeviceInfo,
     BlockDeviceStats,
@@ -27,22 +30,10 @@ from qiothread.qmp.backend import (
     PropertyInfo,
     RunState,
     ShutdownCause,
+    iothread_info_of,
+    poll_stats_of,
 )
-from qiothread.qom import ObjectRoot, UserCreatable
-
-try:
-    from qiothread.iothread import IOThread as _IOThread
-except ImportError:                      # pragma: no cover
-    _IOThread = None
-
-
-def iothread_class() -> type[UserCreatable]:
-    """H2's IOThread when present, else the 7.2 property set on the
-    project's UserCreatable base (same setters, same messages)."""
-    if _IOThread is not None:
-        return _IOThread
-    from tests.qmp._iothread_props import IOThreadProps
-    return IOThreadProps
+from qiothread.qom import ObjectRoot
 
 
 class ModelBackend:
@@ -50,7 +41,8 @@ class ModelBackend:
 
     def __init__(self, image: str, iothreads: Sequence[str] = ("io0",)
                  ) -> None:
-        self.root = ObjectRoot({"iothread": iothread_class()})
+        self.supervisor = Supervisor()
+        self.root = ObjectRoot({"iothread": IOThread}, self.supervisor)
         for object_id in iothreads:
             self.root.object_add_qmp("iothread", object_id, {})
         self.image = image
@@ -58,8 +50,6 @@ class ModelBackend:
         self.quit_requested = threading.Event()
         self._listeners: list[EventListener] = []
         self._lock = threading.Lock()
-        #: Calls made, in order (the worker thread appends).
-        self.calls: list[str] = []
 
     # -- QMPBackend -----------------------------------------------------
 
@@ -67,12 +57,13 @@ class ModelBackend:
         return self.state
 
     def query_iothreads(self) -> list[IOThreadInfo]:
-        self.calls.append("query_iothreads")
-        return [IOThreadInfo(
-            id=o.id, thread_id=-1, poll_max_ns=o.get("poll-max-ns"),
-            poll_grow=o.get("poll-grow"), poll_shrink=o.get("poll-shrink"),
-            aio_max_batch=o.get("aio-max-batch"))
-            for o in self.root.objects.values()]
+        return [iothread_info_of(self._iothread(o))
+                for o in self.root.objects]
+
+    def _iothread(self, object_id: str) -> IOThread:
+        obj = self.root.objects[object_id]
+        assert isinstance(obj, IOThread)
+        return obj
 
     def qom_list(self, object_id: str) -> list[PropertyInfo] | None:
         obj = self.root.objects.get(object_id)
@@ -86,7 +77,6 @@ class ModelBackend:
         return self.root.objects[object_id].qom_get(name)
 
     def qom_set(self, object_id: str, name: str, value: Any) -> None:
-        self.calls.append(f"qom_set {object_id} {name} {value}")
         self.root.objects[object_id].qom_set(name, value)
 
     def object_add(self, qom_type: str, object_id: str,
@@ -114,16 +104,7 @@ class ModelBackend:
                 for b in self.query_block()]
 
     def query_poll_stats(self) -> list[PollStats]:
-        # A loop that never ran: every counter 0, parameters as stored.
-        return [PollStats(
-            id=o.id, thread_id=-1, poll_max_ns=o.get("poll-max-ns"),
-            poll_grow=o.get("poll-grow"), poll_shrink=o.get("poll-shrink"),
-            params_pending=False, params_applied_ns=0, poll_disable_cnt=0,
-            poll_ns=0, poll_ns_since=0, poll_ns_mean=0.0, iterations=0,
-            poll_rounds=0, poll_passes=0, poll_progress=0, poll_notified=0,
-            poll_timeouts=0, blocking_waits=0, nonblocking_waits=0,
-            ns_polling=0, ns_blocked=0, grow=0, shrink=0)
-            for o in self.root.objects.values()]
+        return [poll_stats_of(self._iothread(o)) for o in self.root.objects]
 
     def request_quit(self) -> None:
         self.quit_requested.set()
@@ -149,7 +130,10 @@ class ModelBackend:
             listener(event)
 
     def close(self) -> None:
-        self.root.close()
+        try:
+            self.root.close()
+        finally:
+            self.supervisor.close()
 
 
-__all__ = ["ConfigError", "ModelBackend", "iothread_class"]
+__all__ = ["ModelBackend"]

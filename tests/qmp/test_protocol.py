@@ -165,7 +165,7 @@ def test_any_json_object_parses_back_however_split(
     assert out == [obj]
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=512))
 def test_garbage_never_raises_and_stream_recovers(junk: bytes) -> None:
     s = JSONStreamer(4096)

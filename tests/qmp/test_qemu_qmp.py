@@ -129,8 +129,19 @@ def test_several_qmpclients_at_once(server: QMPServer) -> None:
     run(many())
 
 
-def test_legacy_sync_client(server: QMPServer,
-                            backend: ModelBackend) -> None:
+@pytest.fixture
+def legacy_loop() -> Any:
+    """QEMUMonitorProtocol makes the thread's event loop and never
+    closes it; close it here so that nothing leaks into later tests."""
+    yield
+    loop = asyncio.get_event_loop_policy().get_event_loop()
+    loop.run_until_complete(asyncio.sleep(0))
+    loop.close()
+    asyncio.set_event_loop(None)
+
+
+def test_legacy_sync_client(server: QMPServer, backend: ModelBackend,
+                            legacy_loop: None) -> None:
     with QEMUMonitorProtocol(str(server.path)) as mon:
         greeting = mon.connect(negotiate=True)
         assert greeting is not None
@@ -194,3 +205,48 @@ def test_qmp_shell_scripted(server: QMPServer,
         "desc": "The command frobnicate has not been found"}}
     assert replies[7] == {"return": {}}
     assert backend.quit_requested.is_set()
+
+
+def test_qom_set_reaches_the_running_iothread(server: QMPServer) -> None:
+    """The iothreads are real processes: a qom-set is applied by the
+    loop itself (shared block + aio_notify), and query-iothreads names
+    the thread that runs it."""
+    async def session() -> None:
+        qmp = QMPClient("live")
+        await qmp.connect(str(server.path))
+        try:
+            io0 = (await qmp.execute("query-iothreads"))[0]
+            tid = io0["thread-id"]
+            assert tid > 0
+            comm = Path(f"/proc/{tid}/comm").read_text().strip()
+            assert comm == "IO io0"
+
+            def stats() -> Any:
+                return qmp.execute("x-query-poll-stats",
+                                   {"iothread": "io0"})
+            before = (await stats())[0]
+            await qmp.execute("qom-set", {
+                "path": "/objects/io0", "property": "poll-max-ns",
+                "value": 0})
+            await qmp.execute("qom-set", {
+                "path": "/objects/io0", "property": "poll-max-ns",
+                "value": 65536})
+            for _ in range(600):
+                after = (await stats())[0]
+                if (not after["params-pending"]
+                        and after["params-applied-ns"]
+                        > before["params-applied-ns"]):
+                    break
+                await asyncio.sleep(0.05)
+            assert after["poll-max-ns"] == 65536
+            assert not after["params-pending"]
+            assert after["params-applied-ns"] > before["params-applied-ns"]
+            # Setting the parameters resets poll_ns (§4.5): any value it
+            # has now was taken after the loop applied them.
+            assert after["poll-ns-since"] >= after["params-applied-ns"] \
+                or after["poll-ns"] == 0
+            assert after["poll-disable-cnt"] == 0
+        finally:
+            await qmp.disconnect()
+
+    run(session())
