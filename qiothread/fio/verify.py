@@ -109,6 +109,13 @@ class BlockVerifier:
         self.written[offset] = (generation, length)
         return self.expected(offset, length, generation)
 
+    def forget(self, offset: int, length: int) -> None:
+        """Blocks in ``[offset, offset + length)`` were trimmed: their
+        contents are no longer this job's to check."""
+        for start in [o for o, (_, n) in self.written.items()
+                      if o < offset + length and offset < o + n]:
+            del self.written[start]
+
     def expected(self, offset: int, length: int, generation: int) -> bytes:
         """The contents a block has after write ``generation``."""
         if self.kind is VerifyKind.PATTERN:

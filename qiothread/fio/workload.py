@@ -29,6 +29,9 @@ Generation follows fio's rules for the options it knows
   (:mod:`qiothread.fio.verify`); reads of blocks are checked; a job
   that wrote reads every block it wrote back at the end and checks it
   (fio's ``do_verify``).  Those reads are counted as reads, as in fio.
+  With verify on, a write waits for an earlier write of the same bytes
+  (fio's ``serialize_overlap``), and a read that overlaps a write in
+  flight is not checked: the device may order them either way.
 
 :func:`run_job` keeps ``iodepth`` requests in flight through the guest
 driver API (``virtio.guest.GuestBlkDriver``: ``submit`` returns a tag,
@@ -314,19 +317,55 @@ class _JobRun:
 
     # -- submission side ----------------------------------------------
 
-    def submit(self, io: PlannedIO, check_reads: bool) -> None:
+    def _overlapping(self, io: PlannedIO) -> list[_InFlight]:
+        end = io.offset + io.length
+        return [fl for fl in self.inflight.values()
+                if fl.io.offset < end and io.offset < fl.io.offset +
+                fl.io.length and fl.io.ddir != Ddir.SYNC]
+
+    def _write_overlaps_write(self, io: PlannedIO) -> bool:
+        """With verify, two writes of the same bytes are never in flight
+        together (fio's ``serialize_overlap``): the device may complete
+        them in either order, and the check could not know which won."""
+        if self.verifier is None or io.ddir not in (Ddir.WRITE,
+                                                    Ddir.TRIM):
+            return False
+        return any(fl.io.ddir in (Ddir.WRITE, Ddir.TRIM)
+                   for fl in self._overlapping(io))
+
+    def _verify_read(self, io: PlannedIO) -> bool:
+        """Whether a read's data can be checked.  Not while a write or
+        trim of the same bytes is in flight: the read may see either
+        version, and the device may order them either way."""
+        assert self.verifier is not None
+        if not self.verifier.should_check(io.offset):
+            return False
+        return all(fl.io.ddir == Ddir.READ for fl in self._overlapping(io))
+
+    def _prepare_write(self, io: PlannedIO, addr: int) -> None:
+        assert self.verifier is not None
+        # Reads in flight over these bytes may now see the old or the
+        # new block: stop trusting them.
+        for fl in self._overlapping(io):
+            fl.verify = False
+        if io.ddir == Ddir.WRITE:
+            self._buf()[addr:addr + io.length] = \
+                self.verifier.make_block(io.offset, io.length)
+        else:
+            self.verifier.forget(io.offset, io.length)
+
+    def submit(self, io: PlannedIO) -> None:
         slot = self.free_slots.pop()
         addr = self.base + slot * self.slot_size
         verify = False
         buffers: list[tuple[int, int]] | None = None
         if io.ddir in (Ddir.READ, Ddir.WRITE):
             buffers = [(addr, io.length)]
-            if io.ddir == Ddir.WRITE and self.verifier:
-                self._buf()[addr:addr + io.length] = \
-                    self.verifier.make_block(io.offset, io.length)
-            verify = (io.ddir == Ddir.READ and self.verifier is not None
-                      and check_reads
-                      and self.verifier.should_check(io.offset))
+        if self.verifier is not None:
+            if io.ddir in (Ddir.WRITE, Ddir.TRIM):
+                self._prepare_write(io, addr)
+            elif io.ddir == Ddir.READ:
+                verify = self._verify_read(io)
         t_start = self.clock.now_ns()
         tag = self.driver.submit(int(_KIND[io.ddir]), io.offset, buffers,
                                  nbytes=io.length
@@ -362,7 +401,10 @@ class _JobRun:
                     self.quiesce()
                     self.sleep_until(due if end is None else min(due, end))
                     continue
-                self.submit(pending, check_reads=True)
+                if self._write_overlaps_write(pending):
+                    self.reap(block=True)
+                    continue
+                self.submit(pending)
                 pending = None
                 since_think += 1
                 if job.thinktime_ns and since_think >= \
@@ -420,8 +462,10 @@ def run_job(driver: GuestDriverLike, job: JobOptions, clock: Clock, *,
         if job.runtime_ns else None
     run.drive(generator.next, start, end, paced=True)
     # fio's do_verify: read back what was written, unless stopped.
+    verify_start = 0
     if run.verifier is not None and job.do_verify and \
             run.verifier.written and not run.stopped and not run.error:
+        verify_start = clock.now_ns()
         run.verify_phase()
     end_ns = clock.now_ns()
     v = run.verifier
@@ -432,4 +476,5 @@ def run_job(driver: GuestDriverLike, job: JobOptions, clock: Clock, *,
         verify_mismatches=v.mismatches if v else 0,
         verify_errors=tuple(v.errors) if v else (),
         reap_batches=np.asarray(run.reap_batches, dtype=np.int64),
-        pid=pid, error=run.error, stopped_early=run.stopped)
+        pid=pid, error=run.error, stopped_early=run.stopped,
+        verify_start_ns=verify_start)

@@ -5,7 +5,8 @@ The JSON and the human-readable report both read these, so the two can
 never disagree.  fio's rules kept here:
 
 - a direction's ``runtime`` is the job's measured runtime (ms, after
-  the ramp) if the job's pattern issues that direction, else 0;
+  the ramp, without the verify phase) if the job's pattern issues that
+  direction, else 0; the verify phase adds its time to reads;
 - ``bw_bytes = 1000 * io_bytes // runtime_ms``, ``bw = bw_bytes //
   1024`` and ``iops = 1000.0 * total_ios / runtime_ms``;
 - with ``group_reporting`` the jobs of a group are summed into one
@@ -140,20 +141,26 @@ def job_stats(results: list[JobResult], groupid: int = 0) -> JobStats:
     recs = IoRecords.concat([r.measured() for r in results])
     runtime_ns = max(r.runtime_ns for r in results)
     start = min(r.ramp_end_ns for r in results)
-    ddirs: dict[Ddir, DdirStats] = {}
-    directions: set[Ddir] = set()
+    # fio's runtime per direction: the workload's span for the
+    # directions the pattern issues, plus the verify phase for reads.
+    span = {d: 0 for d in _RW}
     for r in results:
-        directions.update(r.options.rw.directions)
+        for d in r.options.rw.directions:
+            if d in span:
+                span[d] = max(span[d], r.main_runtime_ns)
+        if r.verify_runtime_ns:
+            span[Ddir.READ] = max(span[Ddir.READ], r.main_runtime_ns
+                                  if Ddir.READ in r.options.rw.directions
+                                  else 0) + r.verify_runtime_ns
+    ddirs: dict[Ddir, DdirStats] = {}
     for ddir in _RW:
-        mask = recs.ddir == ddir
-        sel = recs.select(mask)
-        had = ddir in directions
+        sel = recs.select(recs.ddir == ddir)
         length = sel.length.astype(np.int64)
         ddirs[ddir] = DdirStats(
             io_bytes=int(length.sum()),
             total_ios=len(sel),
-            runtime_ms=_runtime_ms(runtime_ns, had and len(sel) > 0)
-            if had else 0,
+            runtime_ms=_runtime_ms(span[ddir], len(sel) > 0)
+            if span[ddir] else 0,
             slat_ns=sel.slat, clat_ns=sel.clat, lat_ns=sel.lat,
             samples=stats.window_samples(sel.t_complete, length, start,
                                          start + runtime_ns))

@@ -198,6 +198,9 @@ class JobResult:
     pid: int = 0
     error: int = 0  #: errno of the first failed I/O, 0 if none
     stopped_early: bool = False  #: Ctrl-C or a stop request
+    #: When the read-back of written blocks began (fio's verify phase),
+    #: 0 if there was none.
+    verify_start_ns: int = 0
 
     @property
     def ramp_end_ns(self) -> int:
@@ -208,6 +211,21 @@ class JobResult:
     def runtime_ns(self) -> int:
         """The measured span: from the end of the ramp to the end."""
         return max(0, self.end_ns - self.ramp_end_ns)
+
+    @property
+    def main_runtime_ns(self) -> int:
+        """The measured span of the workload itself, without the
+        verify phase."""
+        end = self.verify_start_ns or self.end_ns
+        return max(0, end - self.ramp_end_ns)
+
+    @property
+    def verify_runtime_ns(self) -> int:
+        """How long the verify phase took (0 without one)."""
+        if not self.verify_start_ns:
+            return 0
+        return max(0, self.end_ns - max(self.verify_start_ns,
+                                        self.ramp_end_ns))
 
     def measured(self) -> IoRecords:
         """The I/Os that count: completed after the ramp."""

@@ -44,11 +44,19 @@ class DoneIO:
 class DriverDouble:
     def __init__(self, clock: VirtualClock, disk_size: int,
                  service_ns: int = 10_000, queue_size: int = 256,
-                 mem_size: int = 4 << 20) -> None:
+                 mem_size: int = 4 << 20, defer_data: bool = False,
+                 lifo: bool = False) -> None:
         self.clock = clock
         self.disk = bytearray(disk_size)
         self.mem = Memory(mem_size)
         self.service_ns = service_ns
+        #: move data when a request completes instead of at submit
+        self.defer_data = defer_data
+        #: complete the newest pending request first (a device that
+        #: reorders); each still takes ``service_ns``
+        self.lifo = lifo
+        self._deferred: dict[int, tuple[int, int, list[tuple[int, int]],
+                                        int]] = {}
         self.queue_size = queue_size
         self.pending: list[DoneIO] = []
         self.log: list[DoneIO] = []  # every request, in submit order
@@ -74,8 +82,11 @@ class DriverDouble:
         now = self.clock.now_ns()
         length = sum(n for _, n in buffers or []) or nbytes
         status = self.fail.get(offset, 0)
-        if status == 0:
+        if status == 0 and not self.defer_data:
             self._move(kind, offset, buffers or [], nbytes)
+        elif status == 0:
+            self._deferred[self._tag] = (kind, offset, list(buffers or []),
+                                         nbytes)
         done = max(now, self._last) + self.service_ns
         self._last = done
         io = DoneIO(self._tag, status, now, done, kind, offset, length)
@@ -108,4 +119,17 @@ class DriverDouble:
             self.clock.set(now)
         ready = [p for p in self.pending if p.t_complete <= now]
         self.pending = [p for p in self.pending if p.t_complete > now]
+        if self.lifo and self.pending and ready:
+            # Hand back the newest request's completion in place of the
+            # oldest: same completion times, reversed request order.
+            swap = self.pending.pop()
+            oldest = ready.pop(0)
+            swap.t_complete, oldest.t_complete = oldest.t_complete, \
+                swap.t_complete
+            self.pending.insert(0, oldest)
+            ready.insert(0, swap)
+        for p in ready:
+            op = self._deferred.pop(p.tag, None)
+            if op is not None:
+                self._move(*op)
         return ready
