@@ -3,28 +3,21 @@
 The guest side of qiothread speaks fio, so that a job that runs under
 fio inside a VM can be pasted here unchanged.  This module knows the
 subset of fio's options that describe a block workload, with fio's
-names, aliases and value grammar (fio 3.33, ``options.c`` and
-``parse.c``):
+names and aliases (fio 3.33, ``options.c``), the value grammar of
+:mod:`qiothread.fio.values`, and fio's range checks:
 
-- sizes (``bs``, ``size``, ``offset``) take fio's suffixes with
-  ``kb_base=1024``, fio's default: ``k``/``m``/``g``/``t``/``p`` (and
-  ``kb``, ``mb`` ...) are powers of 1024, the SI-looking ``kib``/``mib``
-  are powers of 1000 -- fio's documented inversion.  ``size`` and
-  ``offset`` also take a percentage of the target;
-- times: ``runtime`` and ``ramp_time`` are seconds unless suffixed
-  (``us``, ``ms``, ``s``, ``m``, ``h``, ``d``); ``thinktime`` is
-  microseconds unless suffixed;
 - per-direction values (``bs``, ``rate_iops``) take fio's comma form
   ``read,write,trim``; an empty field keeps the default, and the last
   given value fills the missing ones as fio does;
-- ``percentile_list`` is colon-separated, at most 20 values in
-  [0, 100]; its precision is the most digits after a point.
+- ``runtime`` and ``ramp_time`` are seconds unless suffixed,
+  ``thinktime`` microseconds;
+- ``percentile_list`` is sorted, as fio sorts it before use;
+- unknown options are refused (fio: ``Bad option <x>`` in a job file,
+  ``unrecognized option`` on the command line).
 
-fio itself is lax about trailing garbage (``bs=4q`` is silently 4
-bytes).  Here that is an error: a mistyped unit must not quietly turn a
-4 KiB workload into a 4-byte one.  Messages keep fio's wording where fio
-has a message (``iodepth: min value out of range: 0 (1 min)``,
-``fio: failed parsing rw=foo``) and add the reason after a colon.
+Messages keep fio's wording where fio has a message (``iodepth: min
+value out of range: 0 (1 min)``, ``fio: failed parsing rw=foo``) and add
+the reason after a colon.
 """
 
 from __future__ import annotations
@@ -35,7 +28,20 @@ import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from qiothread.errors import ConfigError
+from qiothread.fio.values import (
+    DEFAULT_PERCENTILE_PRECISION,
+    DEFAULT_PERCENTILES,
+    FioOptionError,
+    SizeSpec,
+    check_range,
+    parse_bool,
+    parse_int,
+    parse_per_ddir,
+    parse_percentiles,
+    parse_size,
+    parse_time_ns,
+    value_error,
+)
 
 __all__ = [
     "DEFAULT_PERCENTILES",
@@ -50,10 +56,6 @@ __all__ = [
     "parse_size",
     "parse_time_ns",
 ]
-
-
-class FioOptionError(ConfigError):
-    """A fio option with a bad name or value; the text is fio's."""
 
 
 class Ddir(enum.IntEnum):
@@ -128,177 +130,9 @@ _VERIFY_NAMES = {
     "pattern": VerifyKind.PATTERN,
 }
 
-#: fio's default ``percentile_list``.
-DEFAULT_PERCENTILES: tuple[float, ...] = (
-    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0,
-    95.0, 99.0, 99.5, 99.9, 99.95, 99.99)
-#: Digits after the point in fio's default list (from ``99.95``).
-DEFAULT_PERCENTILE_PRECISION = 2
-#: fio's ``FIO_IO_U_LIST_MAX_LEN``.
-_PERCENTILE_MAX_LEN = 20
 
-
-@dataclasses.dataclass(frozen=True)
-class SizeSpec:
-    """An absolute byte count or a percentage of the target's size."""
-
-    value: int = 0  #: bytes, when ``percent`` is None
-    percent: float | None = None  #: 0 < percent <= 100
-
-    def resolve(self, target_size: int) -> int:
-        """The byte count against a target of ``target_size`` bytes."""
-        if self.percent is None:
-            return self.value
-        return int(target_size * self.percent / 100.0)
-
-
-# -- value grammar ---------------------------------------------------
-
-_NUM_RE = re.compile(r"^\s*(0[xX][0-9a-fA-F]+|[+-]?\d+)\s*([A-Za-z%]*)\s*$")
-
-#: Size suffixes with ``kb_base=1024`` as (power, base).
-_SIZE_SUFFIX = {"": (0, 1024)}
-for _pow, _letter in enumerate("kmgtp", start=1):
-    _SIZE_SUFFIX[_letter] = (_pow, 1024)
-    _SIZE_SUFFIX[_letter + "b"] = (_pow, 1024)
-    _SIZE_SUFFIX[_letter + "ib"] = (_pow, 1000)
-
-#: Time suffixes in nanoseconds.
-_TIME_SUFFIX = {
-    "ns": 1, "nsec": 1,
-    "us": 1_000, "usec": 1_000,
-    "ms": 1_000_000, "msec": 1_000_000,
-    "s": 1_000_000_000, "sec": 1_000_000_000,
-    "m": 60_000_000_000, "min": 60_000_000_000,
-    "h": 3_600_000_000_000,
-    "d": 86_400_000_000_000,
-}
-
-
-def _fail(name: str, value: str, why: str) -> FioOptionError:
-    return FioOptionError(f"fio: failed parsing {name}={value}: {why}")
-
-
-def parse_size(name: str, text: str,
-               allow_percent: bool = False) -> SizeSpec:
-    """Parse a fio size such as ``4k``, ``1g``, ``512``, ``50%``.
-
-    :raises FioOptionError: not a number, an unknown suffix, a negative
-        size or a percentage where none is allowed.
-    """
-    m = _NUM_RE.match(text)
-    if not m:
-        raise _fail(name, text, "not a size")
-    digits, suffix = m.group(1), m.group(2).lower()
-    number = int(digits, 0) if digits.lower().startswith("0x") \
-        else int(digits)
-    if suffix == "%":
-        if not allow_percent:
-            raise _fail(name, text, "a percentage is not allowed here")
-        if not 0 < number <= 100:
-            raise _fail(name, text, "percentage must be in (0, 100]")
-        return SizeSpec(percent=float(number))
-    if suffix not in _SIZE_SUFFIX:
-        raise _fail(name, text, f"unknown size suffix '{m.group(2)}'")
-    if number < 0:
-        raise _fail(name, text, "size must not be negative")
-    power, base = _SIZE_SUFFIX[suffix]
-    return SizeSpec(value=number * base ** power)
-
-
-def parse_time_ns(name: str, text: str, default_unit_ns: int) -> int:
-    """Parse a fio time (``10``, ``500ms``, ``2m``) into nanoseconds.
-
-    A bare number is in ``default_unit_ns`` (a second for ``runtime``
-    and ``ramp_time``, a microsecond for ``thinktime``).
-
-    :raises FioOptionError: not a number, unknown unit or negative.
-    """
-    m = _NUM_RE.match(text)
-    if not m or m.group(1).lower().startswith("0x"):
-        raise _fail(name, text, "not a time")
-    number, suffix = int(m.group(1)), m.group(2).lower()
-    if suffix and suffix not in _TIME_SUFFIX:
-        raise _fail(name, text, f"unknown time unit '{m.group(2)}'")
-    if number < 0:
-        raise _fail(name, text, "time must not be negative")
-    return number * (_TIME_SUFFIX[suffix] if suffix else default_unit_ns)
-
-
-def _parse_int(name: str, text: str, minval: int | None = None,
-               maxval: int | None = None) -> int:
-    try:
-        number = int(text.strip(), 0)
-    except ValueError:
-        raise _fail(name, text, "not an integer") from None
-    _check_range(name, number, minval, maxval)
-    return number
-
-
-def _check_range(name: str, number: int, minval: int | None,
-                 maxval: int | None) -> None:
-    # fio's own wording (parse.c) for both limits.
-    if maxval is not None and number > maxval:
-        raise FioOptionError(
-            f"{name}: max value out of range: {number} ({maxval} max)")
-    if minval is not None and number < minval:
-        raise FioOptionError(
-            f"{name}: min value out of range: {number} ({minval} min)")
-
-
-def _parse_bool(name: str, text: str | None) -> bool:
-    if text is None or text.strip() == "":
-        return True
-    return bool(_parse_int(name, text, 0, 1))
-
-
-def _per_ddir(name: str, text: str, one: Callable[[str], int],
-              default: tuple[int, int, int]) -> tuple[int, int, int]:
-    """fio's ``read,write,trim`` form: empty fields keep the default;
-    a single value applies to all three; with two values the trim one
-    follows the write one."""
-    fields = text.split(",")
-    if len(fields) > 3:
-        raise _fail(name, text, "at most three comma-separated values")
-    out = list(default)
-    last: int | None = None
-    for i in range(3):
-        if i < len(fields):
-            if fields[i].strip():
-                last = one(fields[i])
-                out[i] = last
-        elif last is not None:
-            out[i] = last
-    return out[0], out[1], out[2]
-
-
-def _parse_percentiles(name: str, text: str) -> tuple[tuple[float, ...],
-                                                      int]:
-    values: list[float] = []
-    precision = 0
-    for field in text.split(":"):
-        if len(values) >= _PERCENTILE_MAX_LEN:
-            raise FioOptionError(
-                f"the list exceeding max length {_PERCENTILE_MAX_LEN}")
-        try:
-            value = float(field)
-        except ValueError:
-            raise FioOptionError(
-                f"not a floating point value: {field}") from None
-        if value > 100.0:
-            raise FioOptionError(
-                f"value out of range: {value:f} (range max: 100.000000)")
-        if not value > 0.0:
-            # fio stops its list at the first 0.0, so a 0 would silently
-            # cut the list short; refuse it instead.
-            raise FioOptionError(
-                f"value out of range: {value:f} (range min: 0.000000)")
-        values.append(value)
-        if "." in field:
-            decimals = field.split(".", 1)[1]
-            precision = max(precision, len(decimals.rstrip()))
-    # fio sorts the list before using it (stat.c).
-    return tuple(sorted(values)), precision
+#: The default ``offset``: the start of the disk.
+_ZERO = SizeSpec(value=0)
 
 
 # -- the job ---------------------------------------------------------
@@ -321,7 +155,7 @@ class JobOptions:
     runtime_ns: int = 0  #: 0 = no limit
     time_based: bool = False
     size: SizeSpec | None = None  #: None = the whole target
-    offset: SizeSpec = SizeSpec()
+    offset: SizeSpec = _ZERO
     #: IOPS cap per direction, 0 = none
     rate_iops: tuple[int, int, int] = (0, 0, 0)
     thinktime_ns: int = 0
@@ -421,7 +255,7 @@ def _h_name(job: JobOptions, name: str, v: str | None,
             c: _Changes) -> None:
     assert v is not None
     if not v.strip():
-        raise _fail(name, v, "empty name")
+        raise value_error(name, v, "empty name")
     c["name"] = v.strip()
 
 
@@ -429,7 +263,7 @@ def _h_rw(job: JobOptions, name: str, v: str | None, c: _Changes) -> None:
     assert v is not None
     text = v.strip()
     if ":" in text:
-        raise _fail("rw", v, "sequence modifiers (rw=...:N) are not "
+        raise value_error("rw", v, "sequence modifiers (rw=...:N) are not "
                     "supported by qiothread")
     if text == "readwrite":
         text = "rw"
@@ -445,9 +279,9 @@ def _h_bs(job: JobOptions, name: str, v: str | None, c: _Changes) -> None:
 
     def one(field: str) -> int:
         size = parse_size("bs", field).value
-        _check_range("bs", size, 1, None)
+        check_range("bs", size, 1, None)
         return size
-    c["bs"] = _per_ddir("bs", v, one, job.bs)
+    c["bs"] = parse_per_ddir("bs", v, one, job.bs)
 
 
 def _int_field(field: str, minval: int | None = None,
@@ -455,14 +289,14 @@ def _int_field(field: str, minval: int | None = None,
     def handler(job: JobOptions, name: str, v: str | None,
                 c: _Changes) -> None:
         assert v is not None
-        c[field] = _parse_int(name, v, minval, maxval)
+        c[field] = parse_int(name, v, minval, maxval)
     return handler
 
 
 def _bool_field(field: str) -> _Handler:
     def handler(job: JobOptions, name: str, v: str | None,
                 c: _Changes) -> None:
-        c[field] = _parse_bool(name, v)
+        c[field] = parse_bool(name, v)
     return handler
 
 
@@ -487,7 +321,7 @@ def _h_size(job: JobOptions, name: str, v: str | None,
     assert v is not None
     spec = parse_size(name, v, allow_percent=True)
     if spec.percent is None and spec.value == 0:
-        raise _fail(name, v, "size must be greater than zero")
+        raise value_error(name, v, "size must be greater than zero")
     c["size"] = spec
 
 
@@ -500,8 +334,8 @@ def _h_offset(job: JobOptions, name: str, v: str | None,
 def _h_rate_iops(job: JobOptions, name: str, v: str | None,
                  c: _Changes) -> None:
     assert v is not None
-    c["rate_iops"] = _per_ddir(
-        name, v, lambda f: _parse_int(name, f, 0, None), job.rate_iops)
+    c["rate_iops"] = parse_per_ddir(
+        name, v, lambda f: parse_int(name, f, 0, None), job.rate_iops)
 
 
 def _h_verify(job: JobOptions, name: str, v: str | None,
@@ -524,13 +358,13 @@ def _h_verify_pattern(job: JobOptions, name: str, v: str | None,
         digits = text[2:]
         if not digits or len(digits) % 2 or \
                 not re.fullmatch(r"[0-9a-fA-F]+", digits):
-            raise _fail(name, v, "hex pattern needs an even number of "
+            raise value_error(name, v, "hex pattern needs an even number of "
                         "hex digits")
         c["verify_pattern"] = bytes.fromhex(digits)
     elif len(text) >= 2 and text[0] == text[-1] == '"':
         c["verify_pattern"] = text[1:-1].encode()
     else:
-        number = _parse_int(name, text, 0, 0xFFFFFFFF)
+        number = parse_int(name, text, 0, 0xFFFFFFFF)
         c["verify_pattern"] = number.to_bytes(4, "little")
     if not c["verify_pattern"]:
         raise FioOptionError("fio: empty verify_pattern")
@@ -543,27 +377,27 @@ def _h_verify_pattern(job: JobOptions, name: str, v: str | None,
 def _h_rwmixread(job: JobOptions, name: str, v: str | None,
                  c: _Changes) -> None:
     assert v is not None
-    c["rwmixread"] = _parse_int(name, v, 0, 100)
+    c["rwmixread"] = parse_int(name, v, 0, 100)
 
 
 def _h_rwmixwrite(job: JobOptions, name: str, v: str | None,
                   c: _Changes) -> None:
     assert v is not None
-    c["rwmixread"] = 100 - _parse_int(name, v, 0, 100)
+    c["rwmixread"] = 100 - parse_int(name, v, 0, 100)
 
 
 def _h_percentiles(job: JobOptions, name: str, v: str | None,
                    c: _Changes) -> None:
     assert v is not None
     c["percentile_list"], c["percentile_precision"] = \
-        _parse_percentiles(name, v)
+        parse_percentiles(name, v)
 
 
 def _h_ioengine(job: JobOptions, name: str, v: str | None,
                 c: _Changes) -> None:
     assert v is not None
     if not v.strip():
-        raise _fail(name, v, "empty engine name")
+        raise value_error(name, v, "empty engine name")
     c["ioengine"] = v.strip()
 
 
