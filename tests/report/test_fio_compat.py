@@ -171,3 +171,9 @@ def test_dumps_fio_layout() -> None:
     text = dumps_fio({"a": 1, "b": 0.5, "c": {"d": "x"}, "e": []})
     assert text == ('{\n  "a" : 1,\n  "b" : 0.500000,\n  "c" : {\n'
                     '    "d" : "x"\n  },\n  "e" : [\n  ]\n}\n')
+
+
+def test_job_banner_matches_fio(fio_run: FioRun) -> None:
+    from qiothread.report.summary import job_banner
+    job = parse_jobfile(fio_run.jobfile_text).jobs[0]
+    assert job_banner(job) == fio_run.normal.splitlines()[0]
