@@ -176,11 +176,15 @@ def register_policy(cls: type[PollPolicy]) -> type[PollPolicy]:
 
 
 def policy_names() -> list[str]:
+    import qiothread.policies  # noqa: F401  (registers the rest)
     return sorted(_REGISTRY)
 
 
 def make_policy(name: str = "7.2") -> PollPolicy:
     """A policy by version name; ValueError lists the known ones."""
+    if name not in _REGISTRY:
+        # The later versions register themselves on import.
+        import qiothread.policies  # noqa: F401
     try:
         return _REGISTRY[name]()
     except KeyError:
