@@ -12,22 +12,14 @@ from typing import Any
 import pytest
 
 from blockdev.images import real_disk_dir
+from qiothread.aio import AioContext
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def make_context(poll_ns: int = 0) -> Any:
-    """qiothread.aio.AioContext when present, else the test MiniContext.
-
-    ``poll_ns`` > 0 turns polling on (fixed window, no grow/shrink
-    surprises for the tests: grow=1 keeps poll-max).
-    """
-    try:
-        from qiothread.aio import AioContext
-    except ImportError:
-        from tests.blockdev.minictx import MiniContext
-        return MiniContext(poll_ns)
-    ctx = AioContext(name="blockdev-test")
+def make_context(poll_ns: int = 0, **kw: Any) -> AioContext:
+    """A real AioContext; ``poll_ns`` > 0 sets poll-max-ns."""
+    ctx = AioContext(name="blockdev-test", **kw)
     if poll_ns:
         ctx.set_poll_params(poll_ns, 0, 0)
     return ctx
