@@ -27,6 +27,17 @@ What crosses the process boundary, and how:
   The Dekker pair of the notify (see :mod:`qiothread.notifier`) makes
   the wake-up impossible to lose: a count stored before ``notified`` is
   visible to the loop once it has seen ``notified``.
+
+  Two visible differences from QEMU follow, both one iteration long.
+  QEMU's main thread writes ``ctx->poll_ns = 0`` itself, so the
+  iteration its notify wakes already adapts from 0 (``poll_shrink ...
+  old 0 new 0`` after an idle block); here that iteration adapts from
+  the old value and the reset follows it.  And ``set_poll_params``,
+  called in the loop's own thread, notifies again, which makes the next
+  iteration non-blocking (after which an idle loop grows ``poll_ns`` to
+  4000 and polls once before it blocks; QEMU's would block at once).
+  Removing both needs a hook inside ``aio_poll`` between the wait and
+  the adaptation, which the AioContext does not offer (yet).
 - *Stop* is QEMU's ``iothread_stop``: the request travels the same way
   (a stop word plus ``aio_notify``), and the loop answers it by
   scheduling a oneshot BH that clears ``running``; the next ``aio_poll``

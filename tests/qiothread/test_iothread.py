@@ -386,3 +386,34 @@ def test_object_del_refused_while_in_use(root: ObjectRoot) -> None:
     root.object_del("io0")
     # Stopped cleanly and reaped.
     assert io.child is not None and io.child.returncode == 0
+
+
+def test_qom_set_resets_a_grown_poll_ns(root: ObjectRoot) -> None:
+    """With poll-shrink=2, a grown poll_ns can only fall to 0 through the
+    reset of set_poll_params: halving 128000 or more never gets below
+    32000 in the two iterations that follow a qom-set (the woken one,
+    and the one the home-thread notify causes), while after the reset
+    the loop is at 0 or at the first grow step, 4000.
+
+    poll-max-ns is 1 ms so that Python's own iteration time (tens of
+    microseconds) counts as a short block and the budget can grow.
+    """
+    io = add(root, "iothread,id=io0,poll-max-ns=1000000,poll-shrink=2")
+    notifier = _notifier(io)
+    deadline = time.monotonic() + 60
+    while io.poll_stats()["poll_ns"] < 128000:
+        assert time.monotonic() < deadline, io.poll_stats()
+        for _ in range(200):
+            notifier()              # activity: short iterations grow it
+        time.sleep(0.001)
+    time.sleep(0.05)                # idle: blocked, poll_ns unchanged
+    grown = io.poll_stats()["poll_ns"]
+    assert grown >= 128000
+
+    root.qom_set("/objects/io0", "poll-grow", 2)
+    wait_until(lambda: io.loop_state()["applied_seq"]
+               == io.loop_state()["seq"])
+    time.sleep(0.05)                # let the follow-up iteration finish
+    state = io.loop_state()
+    assert (state["poll_grow"], state["poll_disable_cnt"]) == (2, 0)
+    assert io.poll_stats()["poll_ns"] in (0, 4000), grown
