@@ -19,9 +19,11 @@ The kernel contract it relies on:
   noticed without SIGCHLD handlers, and ``pidfd_send_signal`` signals
   exactly that process.
 - ``PR_SET_PDEATHSIG`` makes the kernel send SIGKILL to the child when
-  its parent *thread* exits (not the parent process).  Children must
-  therefore be forked from a thread that lives as long as they should:
-  the main thread, or the monitor's long-lived worker.  A child that
+  its parent *thread* exits (not the parent process).  Children are
+  therefore forked by the thread that created the supervisor (the main
+  thread, as a rule) or, when another thread asks (QMP's worker runs
+  ``object-add``), by a forking thread of the supervisor's own that
+  lives until :meth:`Supervisor.close`.  A child that
   was orphaned between ``fork`` and the ``prctl`` sees a different
   ``getppid()`` and exits at once.
 - Ctrl-C sends SIGINT to the whole foreground process group.  Children
@@ -40,6 +42,7 @@ last words (the exception) there, and the parent puts them in the
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import enum
@@ -312,6 +315,10 @@ class Supervisor:
         self._parent_only_fds: set[int] = set()
         self._closed = False
         self._old_handlers: dict[int, Any] = {}
+        # Children are forked from this thread, or else from _forker.
+        self._owner = threading.current_thread()
+        self._forker: concurrent.futures.ThreadPoolExecutor | None = None
+        self._fork_lock = threading.Lock()
 
     # -- clean-up registry --------------------------------------------
 
@@ -342,24 +349,45 @@ class Supervisor:
         """
         if self._closed:
             raise InternalError("Supervisor is closed")
-        pipe_r, pipe_w = os.pipe()
-        siblings = [fd for c in self.children if c.returncode is None
-                    for fd in (c.pidfd, c._pipe_r)]
-        close_fds = sorted({pipe_r, *siblings, *self._parent_only_fds})
-        parent_pid = os.getpid()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # A Ctrl-C between fork and the bookkeeping below would leave a
-        # child nobody stops: hold SIGINT back until it is registered.
-        with _sigint_blocked():
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover - runs in the child only
-                _child_main(target, pipe_w, parent_pid, comm, close_fds)
-            os.close(pipe_w)
-            pidfd = os.pidfd_open(pid)
-            child = Child(name, pid, pidfd, pipe_r, stop_request, may_exit)
-            self.children.append(child)
+        args = (name, target, comm, stop_request, may_exit)
+        if threading.current_thread() is self._owner:
+            child = self._fork(*args)
+        else:
+            # PR_SET_PDEATHSIG follows the forking thread: fork from a
+            # thread of ours that lives until close(), not from a
+            # caller's thread that may end first (QMP's worker).
+            if self._forker is None:
+                self._forker = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="supervisor-fork")
+            child = self._forker.submit(self._fork, *args).result()
         self._wait_ready(child, ready_timeout)
+        return child
+
+    def _fork(self, name: str, target: Callable[[ReadyChannel], None],
+              comm: str | None,
+              stop_request: Callable[[Child], None] | None,
+              may_exit: bool) -> Child:
+        """Fork and register the child (one fork at a time)."""
+        with self._fork_lock:
+            pipe_r, pipe_w = os.pipe()
+            siblings = [fd for c in self.children if c.returncode is None
+                        for fd in (c.pidfd, c._pipe_r)]
+            close_fds = sorted({pipe_r, *siblings, *self._parent_only_fds})
+            parent_pid = os.getpid()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # A Ctrl-C between fork and the bookkeeping below would leave
+            # a child nobody stops: hold SIGINT back until it is known.
+            with _sigint_blocked():
+                pid = os.fork()
+                if pid == 0:  # pragma: no cover - runs in the child only
+                    _child_main(target, pipe_w, parent_pid, comm,
+                                close_fds)
+                os.close(pipe_w)
+                pidfd = os.pidfd_open(pid)
+                child = Child(name, pid, pidfd, pipe_r, stop_request,
+                              may_exit)
+                self.children.append(child)
         return child
 
     def _wait_ready(self, child: Child, timeout: float) -> None:
@@ -461,6 +489,8 @@ class Supervisor:
                     except Exception:
                         log.exception("stopping %s failed", child.name)
             finally:
+                if self._forker is not None:
+                    self._forker.shutdown()
                 self._restore_signals()
                 self._cleanups.close()
 

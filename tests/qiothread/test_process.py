@@ -339,3 +339,19 @@ def test_child_starts_with_sigint_ignored_not_blocked() -> None:
     # And the parent's own mask is as it was.
     assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK,
                                                        set())
+
+
+def test_child_started_from_a_short_lived_thread_outlives_it() -> None:
+    """PR_SET_PDEATHSIG fires when the forking *thread* exits; a child
+    asked for by another thread (QMP's worker) must not die with it."""
+    with Supervisor() as sup:
+        got: list[object] = []
+        t = threading.Thread(
+            target=lambda: got.append(sup.start("guest 'g6'", _sleeper)))
+        t.start()
+        t.join()
+        child = got[0]
+        assert not isinstance(child, BaseException)
+        time.sleep(0.2)
+        sup.check()                 # still running
+        assert sup.children[0].alive
