@@ -353,8 +353,10 @@ class IOThread(EventLoopBase):
         try:
             rc = self.stop()
             if rc not in (None, 0):
+                # A crash was (or will be) reported by check(); this
+                # only leaves a trace in the log of how it ended.
                 assert self.child is not None
-                log.warning("%s", self.child.error(" when stopped"))
+                log.warning("did not stop cleanly: %s", self.child.error())
         finally:
             self._release()
 
