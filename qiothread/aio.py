@@ -44,9 +44,19 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from select import POLLERR, POLLHUP, POLLIN, POLLOUT
 
 from qiothread import trace_events as te
+from qiothread.aio_handler import (
+    READ_EVENTS,
+    WRITE_EVENTS,
+    AioHandler,
+    soonest,
+)
+from qiothread.aio_poll_mode import (
+    POLL_IDLE_INTERVAL_NS,
+    poll_set_started,
+    run_poll_handlers,
+)
 from qiothread.barrier import full_barrier
 from qiothread.bh import QEMUBH, BHList
 from qiothread.clock import Clock, MonotonicClock
@@ -61,12 +71,6 @@ from qiothread.stats import (
     ITERATIONS,
     NONBLOCKING_WAITS,
     NS_BLOCKED,
-    NS_POLLING,
-    POLL_NOTIFIED,
-    POLL_PASSES,
-    POLL_PROGRESS,
-    POLL_ROUNDS,
-    POLL_TIMEOUTS,
     PollStats,
 )
 from qiothread.timers import QEMUTimer, TimerList
@@ -79,15 +83,8 @@ __all__ = [
     "tune_gil_for_polling",
 ]
 
-#: A poll handler that found nothing for this long leaves the poll set
-#: (only on monitors that support polling).
-POLL_IDLE_INTERVAL_NS = 7_000_000_000
 #: GIL switch interval for processes that poll (see the module text).
 POLL_SWITCH_INTERVAL_S = 50e-6
-
-_READ_EVENTS = POLLIN | POLLHUP | POLLERR     # G_IO_IN|G_IO_HUP|G_IO_ERR
-_WRITE_EVENTS = POLLOUT | POLLERR             # G_IO_OUT|G_IO_ERR
-
 
 def tune_gil_for_polling(interval_s: float = POLL_SWITCH_INTERVAL_S) -> None:
     """Shorten the process's GIL switch interval for a polling loop.
@@ -96,62 +93,6 @@ def tune_gil_for_polling(interval_s: float = POLL_SWITCH_INTERVAL_S) -> None:
     of a process that runs an AioContext next to worker threads.
     """
     sys.setswitchinterval(interval_s)
-
-
-def soonest(a: int, b: int) -> int:
-    """``qemu_soonest_timeout``: the smaller, with -1 as infinity."""
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    return a if a < b else b
-
-
-class AioHandler:
-    """One registered fd (QEMU's ``AioHandler``).  Home thread only."""
-
-    __slots__ = (
-        "deleted", "events", "fd", "in_poll", "io_poll", "io_poll_begin",
-        "io_poll_end", "io_poll_ready", "io_read", "io_write",
-        "is_notifier", "poll_idle_timeout", "poll_ns", "poll_ready",
-        "ready_list", "revents",
-    )
-
-    def __init__(self, fd: int, io_read: Callable[[], None] | None,
-                 io_write: Callable[[], None] | None,
-                 io_poll: Callable[[], bool] | None,
-                 io_poll_ready: Callable[[], None] | None) -> None:
-        self.fd = fd
-        self.io_read = io_read
-        self.io_write = io_write
-        self.io_poll = io_poll
-        self.io_poll_ready = io_poll_ready
-        self.io_poll_begin: Callable[[], None] | None = None
-        self.io_poll_end: Callable[[], None] | None = None
-        #: POLL* mask asked of the fd monitor.
-        self.events = (_READ_EVENTS if io_read else 0) | (
-            _WRITE_EVENTS if io_write else 0)
-        #: What the fd monitor reported (0 when found by polling).
-        self.revents = 0
-        #: Found ready by io_poll (QEMU's ``poll_ready``).
-        self.poll_ready = False
-        #: ns of the context clock; 0 = unset (idle removal, §4.4).
-        self.poll_idle_timeout = 0
-        #: For per-handler polling policies (10.0+); 7.2 ignores it.
-        self.poll_ns = 0
-        #: On ``deleted_aio_handlers`` (or already unlinked).
-        self.deleted = False
-        #: On ``poll_aio_handlers``.
-        self.in_poll = False
-        #: The ready list this node is on, if any.
-        self.ready_list: list[AioHandler] | None = None
-        #: The context's own notifier: never progress.
-        self.is_notifier = False
-
-    def __repr__(self) -> str:
-        return (f"<AioHandler fd={self.fd} events={self.events:#x}"
-                f"{' deleted' if self.deleted else ''}"
-                f"{' polled' if self.in_poll else ''}>")
 
 
 class AioContext:
@@ -360,19 +301,6 @@ class AioContext:
         ready.append(node)
         node.ready_list = ready
 
-    @staticmethod
-    def _add_poll_ready(ready: list[AioHandler], node: AioHandler) -> None:
-        """``aio_add_poll_ready_handler``: like the above, by polling.
-
-        ``revents`` is left alone; ``poll_ready`` marks the node.
-        """
-        old = node.ready_list
-        if old is not None:
-            old.remove(node)
-        node.poll_ready = True
-        ready.append(node)
-        node.ready_list = ready
-
     # ------------------------------------------------------------------
     # The loop (§4)
 
@@ -469,110 +397,13 @@ class AioContext:
 
     def run_poll_handlers(self, ready: list[AioHandler], max_ns: int,
                           timeout: int) -> tuple[bool, int]:
-        """Busy-poll for up to ``max_ns`` (§4.3); (progress, timeout).
-
-        The hot path: locals only, no allocation per pass.
-        """
-        if te.run_poll_handlers_begin.enabled:
-            te.run_poll_handlers_begin(self, max_ns, timeout)
-        now = self._now
-        need_wait = self.fdmon.need_wait
-        pairs = self._poll_pairs
-        add = self._add_poll_ready
-        q = self._stats_q
-        progress = False
-        hit = False
-        passes = 0
-        t0 = now()
-        idle_deadline = t0 + POLL_IDLE_INTERVAL_NS
-        while True:
-            passes += 1
-            for io_poll, node in pairs:
-                if io_poll():
-                    add(ready, node)
-                    node.poll_idle_timeout = idle_deadline
-                    hit = True
-                    if not node.is_notifier:
-                        progress = True
-            elapsed = now() - t0
-            # A hit sets timeout to 0, and max_ns = soonest(timeout,
-            # max_ns) to 0 with it: the loop ends at once.
-            if hit or elapsed >= max_ns or need_wait():
-                break
-        if hit:
-            timeout = 0
-        q[POLL_ROUNDS] += 1
-        q[POLL_PASSES] += passes
-        q[NS_POLLING] += elapsed
-        if progress:
-            q[POLL_PROGRESS] += 1
-        elif hit:
-            q[POLL_NOTIFIED] += 1
-        else:
-            q[POLL_TIMEOUTS] += 1
-        if self.fdmon.supports_polling and self._remove_idle_poll_handlers(
-                ready, t0 + elapsed):
-            timeout = 0
-            progress = True
-        if timeout != -1:
-            timeout -= min(timeout, elapsed)  # same absolute deadline
-        if te.run_poll_handlers_end.enabled:
-            te.run_poll_handlers_end(self, progress, timeout)
-        return progress, timeout
+        """Busy-poll for up to ``max_ns`` (§4.3); (progress, timeout)."""
+        return run_poll_handlers(self, ready, max_ns, timeout)
 
     def poll_set_started(self, ready: list[AioHandler],
                          started: bool) -> bool:
-        """Enter or leave poll mode (§4.4); True if the final poll hit.
-
-        Leaving calls io_poll_end and then io_poll once more on every
-        poll handler, closing the race with work that arrived just
-        before notifications were re-enabled.
-        """
-        if started == self.poll_started:
-            return False
-        self.poll_started = started
-        self._walkers += 1
-        progress = False
-        for io_poll, node in self._poll_pairs:
-            if node.deleted:
-                continue
-            if started:
-                if node.io_poll_begin is not None:
-                    node.io_poll_begin()
-            else:
-                if node.io_poll_end is not None:
-                    node.io_poll_end()
-                # The final poll: io_poll_end may have raced with an
-                # event.  (QEMU counts a hit here as progress even for
-                # the ctx notifier.)
-                if io_poll():
-                    self._add_poll_ready(ready, node)
-                    progress = True
-        self._walkers -= 1
-        return progress
-
-    def _remove_idle_poll_handlers(self, ready: list[AioHandler],
-                                   now: int) -> bool:
-        """Drop poll handlers idle for 7 s (polling monitors only)."""
-        progress = False
-        changed = False
-        for node in list(self._poll_nodes):
-            if node.poll_idle_timeout == 0:
-                node.poll_idle_timeout = now + POLL_IDLE_INTERVAL_NS
-            elif now >= node.poll_idle_timeout:
-                te.poll_remove(self, node, node.fd)
-                node.poll_idle_timeout = 0
-                node.in_poll = False
-                self._poll_nodes.remove(node)
-                changed = True
-                if self.poll_started and node.io_poll_end is not None:
-                    node.io_poll_end()
-                    if node.io_poll is not None and node.io_poll():
-                        self._add_poll_ready(ready, node)
-                        progress = True
-        if changed:
-            self._rebuild_poll_pairs()
-        return progress
+        """Enter or leave poll mode (§4.4); True if the final poll hit."""
+        return poll_set_started(self, ready, started)
 
     def _dispatch_ready_handlers(self, ready: list[AioHandler],
                                  block_ns: int) -> bool:
@@ -612,11 +443,11 @@ class AioContext:
             return not node.is_notifier
 
         progress = False
-        if (not node.deleted and revents & _READ_EVENTS
+        if (not node.deleted and revents & READ_EVENTS
                 and node.io_read is not None):
             node.io_read()
             progress = not node.is_notifier
-        if (not node.deleted and revents & _WRITE_EVENTS
+        if (not node.deleted and revents & WRITE_EVENTS
                 and node.io_write is not None):
             node.io_write()
             progress = True
