@@ -5,12 +5,19 @@ Every test runs on both fd monitors (the ``ctx`` fixture).
 
 from __future__ import annotations
 
+import re
+import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from qiothread import trace
 from qiothread.aio import AioContext
 from qiothread.event_notifier import EventNotifier
+
+from .aio_helpers import captured_trace, trace_lines
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -207,3 +214,45 @@ def test_nested_aio_poll_frees_only_at_outermost(
     ctx.aio_poll(True)
     assert seen[:3] == ["outer", "inner", "nested-done"]
     assert old2 not in ctx.handlers
+
+
+def test_first_dispatch_traces_poll_add(
+        ctx: AioContext, notifiers: list[EventNotifier],
+        tmp_path: Path) -> None:
+    """``poll_add ctx .. node .. fd N revents 0x1``, as QEMU logs the
+    first dispatch of a pollable handler (reference §21.3); with
+    ``-msg timestamp=on`` the line gets the ``tid@sec.usec:`` prefix."""
+    e = notifiers[0]
+    ctx.set_event_notifier(e, e.test_and_clear, lambda: False,
+                           lambda: None)
+    drain(ctx)
+    with captured_trace(tmp_path / "t", "poll_add") as p:
+        trace.configure(timestamps=True)
+        try:
+            e.set()
+            ctx.aio_poll(True)
+            e.set()
+            ctx.aio_poll(True)      # already polled: no second line
+        finally:
+            trace.configure(timestamps=False)
+    node = ctx.fd_handlers[e.fileno()]
+    (line,) = trace_lines(p)
+    m = re.fullmatch(r"(\d+)@(\d+)\.(\d{6}):(.*)", line)
+    assert m is not None, line
+    assert int(m.group(1)) == threading.get_native_id()
+    assert abs(int(m.group(2)) - time.time()) < 3600
+    assert m.group(4) == (f"poll_add ctx 0x{id(ctx):x} node "
+                          f"0x{id(node):x} fd {e.fileno()} revents 0x1")
+
+
+def test_handler_without_poll_ready_is_not_pollable(
+        ctx: AioContext, notifiers: list[EventNotifier]) -> None:
+    """io_poll without io_poll_ready is dropped (§2 step 1)."""
+    e = notifiers[0]
+    ctx.set_event_notifier(e, e.test_and_clear, lambda: True, None)
+    assert ctx.fd_handlers[e.fileno()].io_poll is None
+    assert ctx.poll_disable_cnt == 1
+    ctx.set_event_notifier(e, None)
+    assert ctx.poll_disable_cnt == 0
+    ctx.set_event_notifier(e, None)         # unknown fd: nothing
+    assert ctx.poll_disable_cnt == 0

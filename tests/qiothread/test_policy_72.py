@@ -214,3 +214,73 @@ def test_policy_is_chosen_at_construction() -> None:
         assert ctx.policy.name == "7.2"
     finally:
         ctx.close()
+
+
+class _LateEnd(Policy72):
+    """A policy that ends poll mode only before the wait (8.0's place),
+    built on the seam alone: no change to the loop."""
+
+    name = "test-late-end"
+    poll_mode_end = PollModeEnd.BEFORE_WAIT
+
+
+@pytest.mark.parametrize("policy", [Policy72(), _LateEnd()],
+                         ids=["7.2", "late-end"])
+def test_where_poll_mode_ends_is_the_policys(fdmon: str,
+                                             policy: Policy72) -> None:
+    """Polling finds work (poll mode stays on), then a BH iteration
+    (timeout 0, nothing polled), then an idle blocking one.  7.2 leaves
+    poll mode in the BH iteration already; the late-end policy keeps it
+    on and leaves it only right before the blocking wait."""
+    clock = VirtualClock(0)
+    ctx = AioContext(fdmon=fdmon, clock=clock, policy=policy)
+    mon = scripted(ctx, clock)
+    e = EventNotifier()
+    log: list[str] = []
+    work = [0]
+
+    def io_poll() -> bool:
+        clock.advance(1000)
+        return work[0] > 0
+
+    def io_poll_ready() -> None:
+        work[0] -= 1
+        log.append("work")
+
+    def wait_hook(timeout: int) -> int:
+        log.append(f"wait {timeout}")
+        return 5000 if timeout else 0
+
+    try:
+        ctx.set_event_notifier(e, e.test_and_clear, io_poll, io_poll_ready)
+        ctx.set_event_notifier_poll(e, lambda: log.append("begin"),
+                                    lambda: log.append("end"))
+        ctx.aio_poll(False)
+        e.set()
+        ctx.aio_poll(True)                  # joins the poll set
+        ctx.set_poll_params(10**9, 0, 0)
+        ctx.aio_poll(False)
+        mon.hook = wait_hook
+        log.clear()
+
+        ctx.poll_ns = 4000
+        work[0] = 1
+        assert ctx.aio_poll(True)           # found by polling
+        assert ctx.poll_started
+        ctx.bh_new(lambda: log.append("bh")).schedule()
+        ctx.notify_accept()
+        assert ctx.aio_poll(True)           # the BH iteration
+        bh_iteration_started = ctx.poll_started
+        ctx.poll_ns = 4000
+        ctx.aio_poll(True)                  # idle: polls, then blocks
+        if isinstance(policy, _LateEnd):
+            assert bh_iteration_started
+            assert log == ["begin", "work", "bh", "end", "wait -1"]
+        else:
+            assert not bh_iteration_started
+            assert log == ["begin", "work", "end", "bh",
+                           "begin", "end", "wait -1"]
+        assert not ctx.poll_started
+    finally:
+        ctx.close()
+        e.close()
