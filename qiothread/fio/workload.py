@@ -46,7 +46,7 @@ import dataclasses
 import errno
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -64,13 +64,20 @@ __all__ = ["CompletionLike", "GuestDriverLike", "IoGenerator",
 _SECTOR = 512
 #: Above this many blocks a random map is not kept (fio's norandommap).
 _RANDOM_MAP_MAX = 1 << 24
-#: How a data direction travels on the virtio-blk wire.
-_KIND = {Ddir.READ: VirtioBlkType.IN, Ddir.WRITE: VirtioBlkType.OUT,
-         Ddir.TRIM: VirtioBlkType.DISCARD, Ddir.SYNC: VirtioBlkType.FLUSH}
+#: A stop request is seen within this while idling for rate/thinktime.
+_STOP_SLICE_NS = 50_000_000
+_OK = int(IoStatus.OK)
+#: Random draws made at a time (the per-I/O path then only indexes).
+_DRAW_BATCH = 4096
+# The members as module constants: an enum attribute lookup costs a
+# descriptor call, and these are read several times per I/O.
+_READ, _WRITE, _TRIM, _SYNC = Ddir.READ, Ddir.WRITE, Ddir.TRIM, Ddir.SYNC
+#: How a data direction travels on the virtio-blk wire (by ddir).
+_KIND = (int(VirtioBlkType.IN), int(VirtioBlkType.OUT),
+         int(VirtioBlkType.DISCARD), int(VirtioBlkType.FLUSH))
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class PlannedIO:
+class PlannedIO(NamedTuple):
     """One I/O the job wants to issue."""
 
     ddir: Ddir
@@ -121,46 +128,54 @@ class IoGenerator:
         seeds = np.random.SeedSequence(job.randseed).spawn(2)
         self._off_rng = np.random.Generator(np.random.PCG64(seeds[0]))
         self._mix_rng = np.random.Generator(np.random.PCG64(seeds[1]))
-        self._cursor = {d: 0 for d in Ddir}
-        #: per block size: (the current random order, position in it)
-        self._maps: dict[int, tuple[np.ndarray, int]] = {}
-        self._issued = {d: 0 for d in Ddir}
+        self._dirs = job.rw.directions
+        self._random = job.rw.is_random
+        self._cursor = [0, 0, 0]
+        #: per block size: the current random order, consumed from the end
+        self._maps: dict[int, list[int]] = {}
+        self._mix: list[int] = []
+        self._draws: dict[int, list[int]] = {}
+        self._issued = [0, 0, 0]
         self._bytes = 0
 
-    def _blocks(self, bs: int) -> int:
-        return self.size // bs
-
     def _direction(self) -> Ddir:
-        dirs = self.job.rw.directions
-        if len(dirs) == 1:
-            return dirs[0]
-        draw = int(self._mix_rng.integers(0, 100))
-        return Ddir.READ if draw < self.job.rwmixread else Ddir.WRITE
+        if len(self._dirs) == 1:
+            return self._dirs[0]
+        if not self._mix:
+            self._mix = self._mix_rng.integers(
+                0, 100, _DRAW_BATCH).tolist()[::-1]
+        return _READ if self._mix.pop() < self.job.rwmixread else _WRITE
 
     def _random_block(self, bs: int) -> int:
-        nblocks = self._blocks(bs)
+        nblocks = self.size // bs
         if nblocks > _RANDOM_MAP_MAX:
-            return int(self._off_rng.integers(0, nblocks))
-        order, pos = self._maps.get(bs, (np.zeros(0, np.int64), 0))
-        if pos >= order.size:
-            order, pos = self._off_rng.permutation(nblocks), 0
-        self._maps[bs] = (order, pos + 1)
-        return int(order[pos])
+            draws = self._draws.setdefault(bs, [])
+            if not draws:
+                draws += self._off_rng.integers(
+                    0, nblocks, _DRAW_BATCH).tolist()[::-1]
+            return draws.pop()
+        order = self._maps.get(bs)
+        if not order:
+            # A new pass: every block once, in a new random order.
+            order = self._off_rng.permutation(nblocks).tolist()[::-1]
+            self._maps[bs] = order
+        return order.pop()
 
     def _sequential_block(self, ddir: Ddir, bs: int) -> int:
-        block = self._cursor[ddir] % self._blocks(bs)
+        block = self._cursor[ddir] % (self.size // bs)
         self._cursor[ddir] = block + 1
         return block
 
     def next(self) -> PlannedIO | None:
         """The next I/O, or None when the job's bytes are done."""
-        if not self.job.time_based and self._bytes >= self.size:
+        job = self.job
+        if not job.time_based and self._bytes >= self.size:
             return None
         ddir = self._direction()
-        bs = self.job.bs[ddir]
-        block = self._random_block(bs) if self.job.rw.is_random \
+        bs = job.bs[ddir]
+        block = self._random_block(bs) if self._random \
             else self._sequential_block(ddir, bs)
-        rate = self.job.rate_iops[ddir]
+        rate = job.rate_iops[ddir]
         k = self._issued[ddir]
         self._issued[ddir] = k + 1
         self._bytes += bs
@@ -255,7 +270,7 @@ def _default_sleeper(clock: Clock) -> Callable[[int], None]:
     return lambda deadline_ns: _real_sleep_until(clock, deadline_ns)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _InFlight:
     io: PlannedIO
     addr: int  # guest address of its buffer (0 for trim/flush)
@@ -294,21 +309,25 @@ class _JobRun:
 
     def reap(self, block: bool) -> None:
         comps = self.driver.reap(block=block)
-        if comps:
-            self.reap_batches.append(len(comps))
+        if not comps:
+            return
+        self.reap_batches.append(len(comps))
+        inflight = self.inflight
+        append = self.recorder.append
         for c in comps:
-            fl = self.inflight.pop(c.tag)
+            fl = inflight.pop(c.tag)
             self.free_slots.append(fl.slot)
             status = c.status
-            if status != IoStatus.OK and not self.error:
-                self.error = errno.EIO
-            if status == IoStatus.OK and fl.verify and self.verifier:
+            if status != _OK:
+                if not self.error:
+                    self.error = errno.EIO
+            elif fl.verify and self.verifier is not None:
                 data = self._buf()[fl.addr:fl.addr + fl.io.length]
                 self.verifier.check(fl.io.offset, data)
-            self.recorder.append(
-                fl.io.ddir, fl.io.offset, fl.io.length, fl.t_start,
-                c.t_submit, c.t_complete, status, fl.depth,
-                getattr(c, "t_pickup", 0), getattr(c, "t_done", 0))
+            io = fl.io
+            append(io.ddir, io.offset, io.length, fl.t_start, c.t_submit,
+                   c.t_complete, status, fl.depth,
+                   getattr(c, "t_pickup", 0), getattr(c, "t_done", 0))
 
     def quiesce(self) -> None:
         """Wait for everything in flight (fio's ``io_u_quiesce``)."""
@@ -321,16 +340,15 @@ class _JobRun:
         end = io.offset + io.length
         return [fl for fl in self.inflight.values()
                 if fl.io.offset < end and io.offset < fl.io.offset +
-                fl.io.length and fl.io.ddir != Ddir.SYNC]
+                fl.io.length and fl.io.ddir != _SYNC]
 
     def _write_overlaps_write(self, io: PlannedIO) -> bool:
         """With verify, two writes of the same bytes are never in flight
         together (fio's ``serialize_overlap``): the device may complete
         them in either order, and the check could not know which won."""
-        if self.verifier is None or io.ddir not in (Ddir.WRITE,
-                                                    Ddir.TRIM):
+        if self.verifier is None or io.ddir not in (_WRITE, _TRIM):
             return False
-        return any(fl.io.ddir in (Ddir.WRITE, Ddir.TRIM)
+        return any(fl.io.ddir in (_WRITE, _TRIM)
                    for fl in self._overlapping(io))
 
     def _verify_read(self, io: PlannedIO) -> bool:
@@ -340,7 +358,7 @@ class _JobRun:
         assert self.verifier is not None
         if not self.verifier.should_check(io.offset):
             return False
-        return all(fl.io.ddir == Ddir.READ for fl in self._overlapping(io))
+        return all(fl.io.ddir == _READ for fl in self._overlapping(io))
 
     def _prepare_write(self, io: PlannedIO, addr: int) -> None:
         assert self.verifier is not None
@@ -348,7 +366,7 @@ class _JobRun:
         # new block: stop trusting them.
         for fl in self._overlapping(io):
             fl.verify = False
-        if io.ddir == Ddir.WRITE:
+        if io.ddir == _WRITE:
             self._buf()[addr:addr + io.length] = \
                 self.verifier.make_block(io.offset, io.length)
         else:
@@ -358,20 +376,28 @@ class _JobRun:
         slot = self.free_slots.pop()
         addr = self.base + slot * self.slot_size
         verify = False
-        buffers: list[tuple[int, int]] | None = None
-        if io.ddir in (Ddir.READ, Ddir.WRITE):
-            buffers = [(addr, io.length)]
+        ddir = io.ddir
+        buffers = [(addr, io.length)] if ddir <= _WRITE else None
         if self.verifier is not None:
-            if io.ddir in (Ddir.WRITE, Ddir.TRIM):
+            if ddir in (_WRITE, _TRIM):
                 self._prepare_write(io, addr)
-            elif io.ddir == Ddir.READ:
+            elif ddir == _READ:
                 verify = self._verify_read(io)
         t_start = self.clock.now_ns()
-        tag = self.driver.submit(int(_KIND[io.ddir]), io.offset, buffers,
-                                 nbytes=io.length
-                                 if io.ddir == Ddir.TRIM else 0)
+        tag = self.driver.submit(_KIND[ddir], io.offset, buffers,
+                                 nbytes=io.length if ddir == _TRIM else 0)
         self.inflight[tag] = _InFlight(io, addr, slot, t_start,
                                        len(self.inflight) + 1, verify)
+
+    def pause_until(self, deadline_ns: int) -> None:
+        """Idle until ``deadline_ns``, in slices short enough that a
+        stop request is seen within 50 ms."""
+        clock = self.clock
+        while (now := clock.now_ns()) < deadline_ns:
+            if self.stop():
+                self.stopped = True
+                return
+            self.sleep_until(min(deadline_ns, now + _STOP_SLICE_NS))
 
     def drive(self, source: Callable[[], PlannedIO | None], start: int,
               end: int | None, paced: bool) -> None:
@@ -399,7 +425,7 @@ class _JobRun:
                 due = start + pending.not_before_ns if paced else 0
                 if due > self.clock.now_ns():
                     self.quiesce()
-                    self.sleep_until(due if end is None else min(due, end))
+                    self.pause_until(due if end is None else min(due, end))
                     continue
                 if self._write_overlaps_write(pending):
                     self.reap(block=True)
@@ -411,7 +437,7 @@ class _JobRun:
                         job.thinktime_blocks:
                     since_think = 0
                     self.quiesce()
-                    self.sleep_until(self.clock.now_ns() +
+                    self.pause_until(self.clock.now_ns() +
                                      job.thinktime_ns)
                 continue
             if not self.inflight:

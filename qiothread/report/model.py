@@ -131,41 +131,42 @@ class IoRecords:
 
 
 class IoRecorder:
-    """Appends rows in growing numpy buffers (one owner, no locking)."""
+    """Collects rows cheaply: a Python list of tuples, folded into numpy
+    chunks every ``chunk`` rows so that memory stays at the arrays'
+    size (one owner, no locking)."""
 
-    def __init__(self, capacity: int = 4096) -> None:
+    def __init__(self, chunk: int = 4096) -> None:
+        self._chunk = chunk
+        self._rows: list[tuple[int, ...]] = []
+        self._parts: list[npt.NDArray[np.int64]] = []
         self._n = 0
-        self._cols = {n: np.zeros(max(capacity, 16), dtype=t)
-                      for n, t in _FIELDS}
 
     def __len__(self) -> int:
-        return self._n
+        return self._n + len(self._rows)
 
     def append(self, ddir: int, offset: int, length: int, t_start: int,
                t_submit: int, t_complete: int, status: int,
                depth: int, t_pickup: int = 0, t_done: int = 0) -> None:
-        """Record one completed I/O."""
-        n = self._n
-        cols = self._cols
-        if n == cols["ddir"].size:
-            for name, col in cols.items():
-                cols[name] = np.concatenate([col, np.zeros_like(col)])
-        cols["ddir"][n] = ddir
-        cols["offset"][n] = offset
-        cols["length"][n] = length
-        cols["t_start"][n] = t_start
-        cols["t_submit"][n] = t_submit
-        cols["t_complete"][n] = t_complete
-        cols["status"][n] = status
-        cols["depth"][n] = min(depth, 0xFFFF)
-        cols["t_pickup"][n] = t_pickup
-        cols["t_done"][n] = t_done
-        self._n = n + 1
+        """Record one completed I/O (columns in ``_FIELDS`` order)."""
+        rows = self._rows
+        rows.append((ddir, offset, length, t_start, t_submit, t_complete,
+                     status, min(depth, 0xFFFF), t_pickup, t_done))
+        if len(rows) >= self._chunk:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._rows:
+            self._parts.append(np.array(self._rows, dtype=np.int64))
+            self._n += len(self._rows)
+            self._rows = []
 
     def freeze(self) -> IoRecords:
         """The rows so far, as an immutable :class:`IoRecords`."""
-        return IoRecords(**{n: c[:self._n].copy()
-                            for n, c in self._cols.items()})
+        self._fold()
+        table = np.concatenate(self._parts) if self._parts else \
+            np.zeros((0, len(_FIELDS)), dtype=np.int64)
+        return IoRecords(**{name: table[:, i].astype(dtype)
+                            for i, (name, dtype) in enumerate(_FIELDS)})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -96,3 +96,18 @@ def test_regression_negative_duration_does_not_crash() -> None:
     # A stage computed from a missing stamp once reached the histogram
     # as a negative value and np.bincount raised; it now counts as 0.
     assert stats.fio_percentiles([-5, 10, 20], (50.0, 100.0)) == [10, 20]
+
+
+def test_recorder_folds_chunks_in_order() -> None:
+    from qiothread.report.model import IoRecorder
+    rec = IoRecorder(chunk=3)
+    for i in range(7):
+        rec.append(i % 3, i * 512, 512, 10 * i, 10 * i + 1, 10 * i + 5,
+                   0, i + 1, 0, 0)
+    assert len(rec) == 7
+    r = rec.freeze()
+    assert r.offset.tolist() == [i * 512 for i in range(7)]
+    assert r.clat.tolist() == [4] * 7 and r.slat.tolist() == [1] * 7
+    assert r.ddir.dtype == np.uint8 and r.offset.dtype == np.uint64
+    assert r.depth.tolist() == list(range(1, 8))
+    assert len(IoRecorder().freeze()) == 0
