@@ -252,7 +252,13 @@ class ObjectRoot:
             raise ConfigError(
                 f"attempt to add duplicate property '{object_id}' to "
                 "object (type 'container')")
-        obj.complete()
+        try:
+            obj.complete()
+        except BaseException:
+            # QEMU unparents an object whose completion failed, which
+            # finalizes it: nothing it set up may stay behind.
+            obj.finalize()
+            raise
         self.objects[object_id] = obj
         return obj
 

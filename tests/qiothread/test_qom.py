@@ -197,3 +197,20 @@ def test_close_finalizes_newest_first(root: ObjectRoot) -> None:
     root.close()
     assert order == ["b", "a"]
     assert root.objects == {}
+
+
+def test_failed_completion_finalizes_the_object() -> None:
+    made: list[Pair] = []
+
+    class Recorded(Pair):
+        @classmethod
+        def new(cls, object_id: str, root: ObjectRoot) -> UserCreatable:
+            obj = cls(object_id)
+            made.append(obj)
+            return obj
+
+    root = ObjectRoot({"pair": Recorded})
+    with pytest.raises(ConfigError):
+        add(root, "pair,id=x,lo=9")
+    assert [o.finalized for o in made] == [True]
+    assert root.objects == {}
