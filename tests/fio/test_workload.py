@@ -358,3 +358,14 @@ def test_verify_still_catches_corruption_with_reordering() -> None:
     drv.on_write = corrupt
     res = run_job(drv, j, clock, disk_size=MiB)
     assert (res.verify_checked, res.verify_mismatches) == (16, 1)
+
+
+def test_stop_seen_while_idling_for_rate() -> None:
+    j = job("--rw=randread", "--size=64k", "--rate_iops=1")
+    clock = VirtualClock(T0)
+    drv = DriverDouble(clock, MiB)
+    res = run_job(drv, j, clock, disk_size=MiB,
+                  stop=lambda: clock.now_ns() >= T0 + 120 * MS)
+    assert res.stopped_early and len(res.records) == 1
+    # idles in 50 ms slices: the stop is seen at 150 ms, not at 1 s
+    assert res.end_ns - T0 == 150 * MS
