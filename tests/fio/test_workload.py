@@ -367,5 +367,6 @@ def test_stop_seen_while_idling_for_rate() -> None:
     res = run_job(drv, j, clock, disk_size=MiB,
                   stop=lambda: clock.now_ns() >= T0 + 120 * MS)
     assert res.stopped_early and len(res.records) == 1
-    # idles in 50 ms slices: the stop is seen at 150 ms, not at 1 s
-    assert res.end_ns - T0 == 150 * MS
+    # The first I/O completes at 10 us, then the job idles in 50 ms
+    # slices: the stop is seen 150 ms later, not at 1 s.
+    assert res.end_ns - T0 == 10 * US + 150 * MS
