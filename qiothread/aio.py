@@ -314,56 +314,66 @@ class AioContext:
         q[ITERATIONS] += 1
         ready: list[AioHandler] = []
         self._walkers += 1
-        poll_max_ns = self.poll_max_ns
-        start = now() if poll_max_ns else 0
+        # A callback that raises leaves through here: the walk, notify_me
+        # and the ready list must be restored, or deleted handlers would
+        # never be freed and every notify would write the eventfd.
+        try:
+            poll_max_ns = self.poll_max_ns
+            start = now() if poll_max_ns else 0
 
-        timeout = self._compute_timeout() if blocking else 0
-        progress, timeout = self._try_poll_mode(ready, timeout)
-        assert not (timeout and progress)
+            timeout = self._compute_timeout() if blocking else 0
+            progress, timeout = self._try_poll_mode(ready, timeout)
+            assert not (timeout and progress)
 
-        fdmon = self.fdmon
-        use_notify_me = timeout != 0
-        if use_notify_me:
-            # Pairs with the full barrier in aio_notify: this RMW is a
-            # full barrier itself, so notified is read after notify_me
-            # is visible.
-            self._notify_me.fetch_add(2)
-            if self._ctl[_I_NOTIFIED]:
-                timeout = 0         # kicked already: do not sleep
-        if timeout or fdmon.need_wait():
-            if self.policy.poll_mode_end is PollModeEnd.BEFORE_WAIT and (
-                    self.poll_set_started(ready, False)):
-                timeout = 0
-                progress = True
-            if timeout:
-                q[BLOCKING_WAITS] += 1
+            fdmon = self.fdmon
+            use_notify_me = timeout != 0
+            if use_notify_me:
+                # Pairs with the full barrier in aio_notify: this RMW is
+                # a full barrier itself, so notified is read after
+                # notify_me is visible.
+                self._notify_me.fetch_add(2)
+            try:
+                if use_notify_me and self._ctl[_I_NOTIFIED]:
+                    timeout = 0         # kicked already: do not sleep
+                if timeout or fdmon.need_wait():
+                    if self.policy.poll_mode_end is (
+                            PollModeEnd.BEFORE_WAIT) and (
+                            self.poll_set_started(ready, False)):
+                        timeout = 0
+                        progress = True
+                    if timeout:
+                        q[BLOCKING_WAITS] += 1
+                        t = now()
+                        fdmon.wait(ready, timeout)
+                        q[NS_BLOCKED] += now() - t
+                    else:
+                        q[NONBLOCKING_WAITS] += 1
+                        fdmon.wait(ready, 0)
+            finally:
+                if use_notify_me:
+                    self._notify_me.fetch_sub(2)
+            # aio_notify_accept: a notify from now on must be seen by the
+            # next iteration; the barrier orders the clear before the
+            # reads of BH flags and handler state below.
+            self._ctl[_I_NOTIFIED] = 0
+            full_barrier()
+
+            if poll_max_ns:
                 t = now()
-                fdmon.wait(ready, timeout)
-                q[NS_BLOCKED] += now() - t
+                block_ns = t - start
+                self.policy.adjust(self, block_ns, t)
             else:
-                q[NONBLOCKING_WAITS] += 1
-                fdmon.wait(ready, 0)
-        if use_notify_me:
-            self._notify_me.fetch_sub(2)
-        # aio_notify_accept: a notify from now on must be seen by the
-        # next iteration; the barrier orders the clear before the
-        # reads of BH flags and handler state below.
-        self._ctl[_I_NOTIFIED] = 0
-        full_barrier()
+                block_ns = 0
 
-        if poll_max_ns:
-            t = now()
-            block_ns = t - start
-            self.policy.adjust(self, block_ns, t)
-        else:
-            block_ns = 0
-
-        if self._bhs.poll():
-            progress = True
-        if ready and self._dispatch_ready_handlers(ready, block_ns):
-            progress = True
-        self._free_deleted_handlers()
-        self._walkers -= 1
+            if self._bhs.poll():
+                progress = True
+            if ready and self._dispatch_ready_handlers(ready, block_ns):
+                progress = True
+            self._free_deleted_handlers()
+        finally:
+            self._walkers -= 1
+            for node in ready:              # left by an exception
+                node.ready_list = None
         if self._timers.timers and self._timers.run_timers():
             progress = True
         return progress

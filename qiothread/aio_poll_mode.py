@@ -133,23 +133,26 @@ def poll_set_started(ctx: AioContext, ready: list[AioHandler],
     ctx.poll_started = started
     ctx._walkers += 1
     progress = False
-    for io_poll, node in ctx._poll_pairs:
-        if node.deleted:
-            continue
-        if started:
-            if node.io_poll_begin is not None:
-                node.io_poll_begin()
-        else:
-            if node.io_poll_end is not None:
-                node.io_poll_end()
-            # The final poll: io_poll_end may have raced with an
-            # event.  (QEMU counts a hit here as progress even for
-            # the ctx notifier.)
-            if io_poll():
-                add_poll_ready(ready, node)
-                progress = True
-    ctx._walkers -= 1
+    try:
+        for io_poll, node in ctx._poll_pairs:
+            if node.deleted:
+                continue
+            if started:
+                if node.io_poll_begin is not None:
+                    node.io_poll_begin()
+            else:
+                if node.io_poll_end is not None:
+                    node.io_poll_end()
+                # The final poll: io_poll_end may have raced with an
+                # event.  (QEMU counts a hit here as progress even for
+                # the ctx notifier.)
+                if io_poll():
+                    add_poll_ready(ready, node)
+                    progress = True
+    finally:
+        ctx._walkers -= 1
     return progress
+
 
 def remove_idle_poll_handlers(ctx: AioContext,
                               ready: list[AioHandler], now: int) -> bool:

@@ -27,10 +27,6 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from qiothread.aio import AioContext
 
 __all__ = ["IDLE_BH_TIMEOUT_NS", "QEMUBH", "BHFlags", "BHList"]
 
@@ -115,11 +111,6 @@ class BHList:
         self.slices: list[list[QEMUBH]] = []
         self._notify = notify
 
-    def new(self, ctx: AioContext, cb: Callable[[], None],
-            name: str = "") -> QEMUBH:
-        del ctx  # the BH finds its context through this list
-        return QEMUBH(self, cb, name)
-
     def enqueue(self, bh: QEMUBH, new_flags: BHFlags) -> None:
         """``aio_bh_enqueue``: any thread; ends with ``aio_notify``."""
         with self.lock:
@@ -147,14 +138,6 @@ class BHList:
                             return 0
                         timeout = IDLE_BH_TIMEOUT_NS
         return timeout
-
-    def has_work(self) -> bool:
-        """A scheduled, undeleted BH is queued (``aio_ctx_check``)."""
-        with self.lock:
-            return any(
-                bh.flags & BHFlags.SCHEDULED
-                and not bh.flags & BHFlags.DELETED
-                for lst in (self.bh_list, *self.slices) for bh in lst)
 
     def poll(self) -> bool:
         """``aio_bh_poll``: run the queued BHs; True if any non-idle ran.

@@ -256,3 +256,29 @@ def test_handler_without_poll_ready_is_not_pollable(
     assert ctx.poll_disable_cnt == 0
     ctx.set_event_notifier(e, None)         # unknown fd: nothing
     assert ctx.poll_disable_cnt == 0
+
+
+def test_regression_raising_callback_leaves_the_context_usable(
+        ctx: AioContext, notifiers: list[EventNotifier]) -> None:
+    """A callback exception used to leave the walker count raised (so
+    deleted handlers were never freed) and could leave notify_me set."""
+    e0, e1 = notifiers[0], notifiers[1]
+
+    def boom() -> None:
+        e0.test_and_clear()
+        ctx.set_event_notifier(e1, None)     # deferred: we are walking
+        raise RuntimeError("callback failed")
+
+    ctx.set_event_notifier(e1, e1.test_and_clear)
+    old1 = ctx.fd_handlers[e1.fileno()]
+    ctx.set_event_notifier(e0, boom)
+    drain(ctx)
+    e0.set()
+    with pytest.raises(RuntimeError, match="callback failed"):
+        ctx.aio_poll(True)
+    assert ctx._walkers == 0
+    assert ctx.notify_me == 0
+    assert old1 in ctx.handlers              # still deferred ...
+    ctx.set_event_notifier(e0, e0.test_and_clear)
+    ctx.aio_poll(False)
+    assert old1 not in ctx.handlers          # ... freed by the next walk
