@@ -502,5 +502,8 @@ def run_job(driver: GuestDriverLike, job: JobOptions, clock: Clock, *,
         verify_mismatches=v.mismatches if v else 0,
         verify_errors=tuple(v.errors) if v else (),
         reap_batches=np.asarray(run.reap_batches, dtype=np.int64),
-        pid=pid, error=run.error, stopped_early=run.stopped,
+        # fio ends a job whose data failed verification with EILSEQ.
+        pid=pid, error=run.error or (errno.EILSEQ if v and v.mismatches
+                                     else 0),
+        stopped_early=run.stopped,
         verify_start_ns=verify_start)

@@ -94,6 +94,8 @@ class JobStats:
     total_by_ddir: tuple[int, int, int]
     verify_checked: int
     verify_mismatches: int
+    #: The first verify failures, described, as fio prints them.
+    verify_errors: tuple[str, ...] = ()
 
     @property
     def usr_cpu(self) -> float:
@@ -194,7 +196,8 @@ def job_stats(results: list[JobResult], groupid: int = 0) -> JobStats:
                        ddirs[Ddir.WRITE].total_ios,
                        ddirs[Ddir.TRIM].total_ios),
         verify_checked=sum(r.verify_checked for r in results),
-        verify_mismatches=sum(r.verify_mismatches for r in results))
+        verify_mismatches=sum(r.verify_mismatches for r in results),
+        verify_errors=tuple(e for r in results for e in r.verify_errors))
 
 
 def report_units(results: list[JobResult]) -> list[list[JobResult]]:

@@ -21,6 +21,7 @@ the host facts that decide wake-up latency.
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import numpy as np
@@ -210,8 +211,12 @@ def _dist(values: list[float], names: tuple[str, ...]) -> str:
 
 def _job_block(js: JobStats, group: GroupStats, now: float) -> str:
     err = f"err={js.error:2d}"
-    out = (f"{js.name}: (groupid={js.groupid}, jobs={js.members}): "
-           f"{err}: pid={js.pid}: {time.ctime(now)}\n")
+    if js.error:
+        # fio names the error after the number: "err=84 (...)".
+        err += f" ({os.strerror(js.error)})"
+    out = "".join(f"{line}\n" for line in js.verify_errors)
+    out += (f"{js.name}: (groupid={js.groupid}, jobs={js.members}): "
+            f"{err}: pid={js.pid}: {time.ctime(now)}\n")
     for ddir in (Ddir.READ, Ddir.WRITE, Ddir.TRIM):
         if js.ddirs[ddir].io_bytes:
             out += _ddir_block(js, ddir, group)

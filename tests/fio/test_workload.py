@@ -212,6 +212,7 @@ def test_verify_after_writes_clean(method: str) -> None:
     _drv, res = run(j)
     assert res.verify_checked == 16
     assert res.verify_mismatches == 0
+    assert res.error == 0
     r = res.records
     # The verify phase reads back every block, counted as reads.
     assert (r.ddir == 1).sum() == 16 and (r.ddir == 0).sum() == 16
@@ -232,6 +233,7 @@ def test_verify_catches_a_corrupted_block(method: str) -> None:
     assert res.verify_checked == 16
     assert res.verify_mismatches == 1
     assert "offset 20480" in res.verify_errors[0]
+    assert res.error == errno.EILSEQ  # as fio ends such a job
 
 
 def test_verify_catches_a_misdirected_write() -> None:

@@ -74,3 +74,25 @@ def test_separate_jobs_share_the_group_aggregate() -> None:
     text = render_summary(RunReport(jobs=[a, b]))
     # group: 96 KiB over the longest run (16 ms); jobs at 4000 KB/s
     assert "run=8-16msec" in text
+
+
+def test_verify_failure_reported_like_fio() -> None:
+    j = JobOptions().with_options(parse_fio_args(
+        ["--name=v", "--rw=write", "--size=16k", "--verify=crc32c"]))
+    clock = VirtualClock(10**12)
+    drv = DriverDouble(clock, MiB)
+    drv.on_write = lambda off, data: (off, bytes(len(data))
+                                      if off == 8192 else data)
+    res = run_job(drv, j, clock, disk_size=MiB)
+    text = render_summary(RunReport(jobs=[res]))
+    lines = text.splitlines()
+    assert lines[0] == ("verify: block at offset 8192: bad header magic "
+                        "0x00000000")
+    assert lines[1].startswith(
+        "v: (groupid=0, jobs=1): err=84 (Invalid or incomplete multibyte "
+        "or wide character): pid=0: ")
+    assert "     verify    : checked=4, mismatches=1" in lines
+    doc = build_fio_json(RunReport(jobs=[res]))
+    assert doc["jobs"][0]["error"] == 84
+    assert doc["qiothread"]["jobs"][0]["verify"] == {"checked": 4,
+                                                      "mismatches": 1}
