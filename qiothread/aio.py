@@ -114,6 +114,9 @@ class AioContext:
                  control_block: ControlBlock | None = None,
                  stats: PollStats | None = None,
                  name: str = "") -> None:
+        if fdmon not in ("poll", "epoll"):
+            raise ValueError(f"unknown fd monitor {fdmon!r} "
+                             "(expected 'poll' or 'epoll')")
         self.name = name
         #: The clock of polling, block_ns and timers (home thread).
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -170,14 +173,8 @@ class AioContext:
         self._timers = TimerList(self._now, self.notify)
 
         self._epoll_upgrade = epoll_upgrade
-        self.fdmon: FdMonitor
-        if fdmon == "poll":
-            self.fdmon = PollMonitor(self)
-        elif fdmon == "epoll":
-            self.fdmon = EpollMonitor(self)
-        else:
-            raise ValueError(f"unknown fd monitor {fdmon!r} "
-                             "(expected 'poll' or 'epoll')")
+        self.fdmon: FdMonitor = (
+            PollMonitor(self) if fdmon == "poll" else EpollMonitor(self))
 
         ctl = self._ctl
         clear = self.notifier.test_and_clear
@@ -555,6 +552,12 @@ class AioContext:
         self.notifier.close()
         if self._own_block:
             self._block.close()
+
+    def __enter__(self) -> AioContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __repr__(self) -> str:
         return (f"<AioContext {self.name or hex(id(self))} "

@@ -61,8 +61,10 @@ def test_ppoll_eintr_is_nothing_ready_and_the_handler_runs() -> None:
 
 
 def test_monitor_is_chosen_by_name() -> None:
+    before = set(os.listdir("/proc/self/fd"))
     with pytest.raises(ValueError, match="unknown fd monitor"):
         AioContext(fdmon="select")
+    assert set(os.listdir("/proc/self/fd")) == before
     for name, cls in (("poll", PollMonitor), ("epoll", EpollMonitor)):
         ctx = AioContext(fdmon=name)
         assert type(ctx.fdmon) is cls and ctx.fdmon.name == name
