@@ -63,7 +63,7 @@ def percentile_key(p: float) -> str:
 
 
 def _lat_json(values: npt.NDArray[np.int64], plist: tuple[float, ...],
-              with_percentiles: bool) -> dict[str, Any]:
+              with_percentiles: bool, bins: bool = False) -> dict[str, Any]:
     st = stats.lat_stat(values)
     out: dict[str, Any] = {"min": st.min, "max": st.max,
                            "mean": st.mean, "stddev": st.stddev,
@@ -72,6 +72,12 @@ def _lat_json(values: npt.NDArray[np.int64], plist: tuple[float, ...],
         vals = stats.fio_percentiles(values, plist)
         out["percentile"] = {percentile_key(p): v
                              for p, v in zip(plist, vals, strict=True)}
+        if bins:
+            # json+: fio's histogram, bucket value -> count.
+            idx = stats.plat_val_to_idx(np.maximum(values, 0))
+            used, counts = np.unique(idx, return_counts=True)
+            out["bins"] = {str(int(v)): int(c) for v, c in zip(
+                stats.plat_idx_to_val(used), counts, strict=True)}
     return out
 
 
@@ -82,7 +88,8 @@ def _sample_stats(samples: npt.NDArray[np.int64]
 
 
 def _ddir_json(d: DdirStats, plist: tuple[float, ...],
-               group: GroupStats, ddir: Ddir) -> dict[str, Any]:
+               group: GroupStats, ddir: Ddir,
+               plus: bool) -> dict[str, Any]:
     out: dict[str, Any] = {
         "io_bytes": d.io_bytes,
         "io_kbytes": d.io_bytes >> 10,
@@ -95,7 +102,7 @@ def _ddir_json(d: DdirStats, plist: tuple[float, ...],
         "drop_ios": 0,
         # fio's defaults: percentiles for clat only.
         "slat_ns": _lat_json(d.slat_ns, plist, False),
-        "clat_ns": _lat_json(d.clat_ns, plist, True),
+        "clat_ns": _lat_json(d.clat_ns, plist, True, plus),
         "lat_ns": _lat_json(d.lat_ns, plist, False),
     }
     bw = d.samples.bw_kib
@@ -127,7 +134,8 @@ _DEPTH_NAMES = ["1", "2", "4", "8", "16", "32", ">=64"]
 _SUBMIT_NAMES = ["0", "4", "8", "16", "32", "64", ">=64"]
 
 
-def _job_json(js: JobStats, group: GroupStats) -> dict[str, Any]:
+def _job_json(js: JobStats, group: GroupStats,
+              plus: bool) -> dict[str, Any]:
     opts = js.options
     out: dict[str, Any] = {
         "jobname": js.name,
@@ -141,9 +149,10 @@ def _job_json(js: JobStats, group: GroupStats) -> dict[str, Any]:
     plist = opts.percentile_list
     for ddir in (Ddir.READ, Ddir.WRITE, Ddir.TRIM):
         out[_DDIR_NAMES[ddir]] = _ddir_json(js.ddirs[ddir], plist, group,
-                                            ddir)
+                                            ddir, plus)
     out["sync"] = {"total_ios": int(js.sync_lat_ns.size),
-                   "lat_ns": _lat_json(js.sync_lat_ns, plist, True)}
+                   "lat_ns": _lat_json(js.sync_lat_ns, plist, True,
+                                       plus)}
     out.update({
         "job_runtime": js.runtime_ms,
         "usr_cpu": js.usr_cpu,
@@ -239,8 +248,12 @@ def qiothread_json(section: QiothreadSection | None,
     return out
 
 
-def build_fio_json(report: RunReport) -> dict[str, Any]:
-    """The whole JSON document for ``report``, as Python objects."""
+def build_fio_json(report: RunReport, plus: bool = False
+                   ) -> dict[str, Any]:
+    """The whole JSON document for ``report``, as Python objects.
+
+    :param plus: fio's ``json+``: latency histograms (``bins``) too.
+    """
     ts = report.timestamp_s or time.time()
     units = report_units(report.jobs)
     jobs = [job_stats(u) for u in units]
@@ -253,7 +266,7 @@ def build_fio_json(report: RunReport) -> dict[str, Any]:
     }
     if report.global_options:
         doc["global options"] = dict(report.global_options)
-    doc["jobs"] = [_job_json(j, group) for j in jobs]
+    doc["jobs"] = [_job_json(j, group, plus) for j in jobs]
     doc["disk_util"] = [_disk_json(d) for d in report.disk_util]
     doc["qiothread"] = qiothread_json(report.qiothread, jobs, units)
     return doc

@@ -53,7 +53,7 @@ def fio_run(tmp_path_factory: pytest.TempPathFactory) -> FioRun:
             f"bs=4k\n[probe]\nrw=randrw\nwrite_lat_log={d}/probe\n")
     (d / "job.fio").write_text(text)
     try:
-        out = subprocess.run([str(FIO), "--output-format=normal,json",
+        out = subprocess.run([str(FIO), "--output-format=normal,json+",
                               str(d / "job.fio")], cwd=d, check=True,
                              capture_output=True, text=True,
                              timeout=120).stdout
@@ -78,11 +78,21 @@ def our_report(run: FioRun) -> RunReport:
                      disk_util=disks, timestamp_s=1796317468.968)
 
 
-def our_doc(run: FioRun) -> dict[str, Any]:
+def our_doc(run: FioRun, plus: bool = False) -> dict[str, Any]:
     """Our JSON as fio's readers see it: through the text."""
     doc: dict[str, Any] = json.loads(dumps_fio(build_fio_json(
-        our_report(run))))
+        our_report(run), plus=plus)))
     return doc
+
+
+def without_bins(value: Any) -> Any:
+    """fio's json+ document as plain json (no ``bins``)."""
+    if isinstance(value, dict):
+        return {k: without_bins(v) for k, v in value.items()
+                if k != "bins"}
+    if isinstance(value, list):
+        return [without_bins(v) for v in value]
+    return value
 
 
 def shape(value: Any, path: str = "") -> dict[str, type]:
@@ -97,11 +107,14 @@ def shape(value: Any, path: str = "") -> dict[str, type]:
     return out
 
 
-def test_json_keys_and_types_match_fio(fio_run: FioRun) -> None:
-    ours = our_doc(fio_run)
-    assert set(ours) - set(fio_run.doc) == {"qiothread"}
+@pytest.mark.parametrize("plus", [False, True], ids=["json", "json+"])
+def test_json_keys_and_types_match_fio(fio_run: FioRun,
+                                       plus: bool) -> None:
+    ours = our_doc(fio_run, plus)
+    fio_doc = fio_run.doc if plus else without_bins(fio_run.doc)
+    assert set(ours) - set(fio_doc) == {"qiothread"}
     del ours["qiothread"]
-    theirs, mine = shape(fio_run.doc), shape(ours)
+    theirs, mine = shape(fio_doc), shape(ours)
     assert sorted(mine) == sorted(theirs)
     wrong = {p: (mine[p].__name__, t.__name__)
              for p, t in theirs.items() if mine[p] is not t}
@@ -131,6 +144,8 @@ def test_numbers_match_fio(fio_run: FioRun, ddir: str) -> None:
         assert ours[lat]["stddev"] == pytest.approx(
             theirs[lat]["stddev"], rel=1e-6, abs=1e-3)
     assert ours["clat_ns"]["percentile"] == theirs["clat_ns"]["percentile"]
+    plus = our_doc(fio_run, plus=True)["jobs"][0][ddir]
+    assert plus["clat_ns"]["bins"] == theirs["clat_ns"]["bins"]
 
 
 def test_distributions_match_fio(fio_run: FioRun) -> None:
