@@ -198,7 +198,11 @@ class LuringState:
                 self._process_completions()
         finally:
             self._submitting = False
-        if self._deferred:
+        if self._deferred or (self.in_queue and not self.blocked):
+            # Callbacks to run, or a short read resubmitted while we
+            # reaped inline completions: 7.2 leaves such a request queued
+            # until some other I/O comes by (a hang if none does); the
+            # BH submits it.
             self.completion_bh.schedule()
         return ret
 
