@@ -6,7 +6,8 @@
 - :mod:`~qiothread.report.summary`: fio's human-readable report;
 - :mod:`~qiothread.report.latlog`: ``write_lat_log`` files;
 - :mod:`~qiothread.report.host`: host facts behind wake-up latency;
-- :mod:`~qiothread.report.cpu`: CPU time per process and thread.
+- :mod:`~qiothread.report.cpu`: CPU time per process and thread;
+- :mod:`~qiothread.report.diskstats`: fio's ``disk_util``.
 """
 
 from qiothread.report.fio_json import build_fio_json, dumps_fio
