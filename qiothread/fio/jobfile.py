@@ -137,6 +137,14 @@ def parse_jobfile(text: str, source: str = "<jobfile>",
                 global_given.append((key, pair[1]))
         else:
             pending.append(pair)
+            # Parse as we go, so that a bad value is reported at its
+            # own line; combinations are checked when the job ends.
+            try:
+                base.with_options([("name", section), *pending],
+                                  check=False)
+            except FioOptionError as err:
+                raise FioOptionError(f"{where}: job '{section}': {err}") \
+                    from None
     finish_job()
     if not jobs:
         raise FioOptionError(f"{source}: no job sections found")

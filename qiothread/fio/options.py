@@ -181,11 +181,12 @@ class JobOptions:
         """The block size for ``ddir``."""
         return self.bs[ddir]
 
-    def with_options(self, pairs: Iterable[tuple[str, str | None]]
-                     ) -> JobOptions:
+    def with_options(self, pairs: Iterable[tuple[str, str | None]],
+                     check: bool = True) -> JobOptions:
         """A copy with fio options ``(name, value)`` applied in order.
 
-        ``value`` is None for a bare flag such as ``time_based``.
+        ``value`` is None for a bare flag such as ``time_based``.  With
+        ``check=False`` the cross-option checks (:meth:`check`) wait.
 
         :raises FioOptionError: an unknown option or a bad value.
         """
@@ -196,7 +197,8 @@ class JobOptions:
             name = _ALIASES.get(name, name)
             handler = _HANDLERS.get(name)
             if handler is None:
-                raise FioOptionError(f"Bad option <{raw_name}>")
+                shown = raw_name if value is None else f"{raw_name}={value}"
+                raise FioOptionError(f"Bad option <{shown}>")
             if value is None and name not in _FLAGS:
                 raise FioOptionError(
                     f"Option {name} requires an argument")
@@ -208,7 +210,8 @@ class JobOptions:
                 given.append((name, value))
         changes["given"] = tuple(given)
         job = dataclasses.replace(self, **changes)
-        job.check()
+        if check:
+            job.check()
         return job
 
     def _merged(self, changes: Mapping[str, Any]) -> JobOptions:

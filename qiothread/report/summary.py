@@ -78,8 +78,9 @@ def num2str(num: int, maxlen: int = _SIG_FIGS, pow2: bool = True,
 
 def job_banner(opts: JobOptions, groupid: int = 0) -> str:
     """fio's one-line description printed before a job starts."""
-    bs = ", ".join(f"({d}) {b}B-{b}B" for d, b in zip("RWT", opts.bs,
-                                                        strict=True))
+    sizes = [num2str(b, unit="B") for b in opts.bs]
+    bs = ", ".join(f"({d}) {b}-{b}" for d, b in zip("RWT", sizes,
+                                                    strict=True))
     return (f"{opts.name}: (g={groupid}): rw={opts.rw.value}, bs={bs}, "
             f"ioengine={opts.ioengine}, iodepth={opts.iodepth}")
 

@@ -53,9 +53,10 @@ def test_later_global_applies_to_later_jobs_only() -> None:
 
 @pytest.mark.parametrize(("text", "msg"), [
     ("rw=read\n[a]\n", "<jobfile>:1: fio: option <rw=read> outside of"),
-    ("[a]\nrw=sideways\n", "<jobfile>:1: job 'a': fio: failed parsing "
+    ("[a]\nrw=sideways\n", "<jobfile>:2: job 'a': fio: failed parsing "
                            "rw=sideways"),
     ("[a]\nwhat ever\n", "<jobfile>:2: not an option line"),
+    ("[a]\nbogus=1\n", "<jobfile>:2: job 'a': Bad option <bogus=1>"),
     ("[global]\niodepth=0\n[a]\n", "<jobfile>:2: iodepth: min value"),
     ("[global]\nbs=4k\n", "<jobfile>: no job sections found"),
     ("[]\n", "<jobfile>:1: empty section name"),
@@ -74,3 +75,10 @@ def test_load_from_disk(tmp_path: Path) -> None:
     assert load_jobfile(p).jobs[0].rw is ReadWrite.RANDWRITE
     with pytest.raises(FioOptionError, match="unable to open"):
         load_jobfile(tmp_path / "missing.fio")
+
+
+def test_combination_errors_name_the_section() -> None:
+    with pytest.raises(FioOptionError) as ei:
+        parse_jobfile("[global]\nverify=md5\n\n[t]\nrw=trim\n", env={})
+    assert str(ei.value) == ("<jobfile>:4: job 't': t: verify makes no "
+                             "sense with rw=trim")

@@ -115,3 +115,13 @@ def test_qiothread_section_text() -> None:
         "    disk0.vq1 (iothread0): requests=100, kicks=10 sent/90 "
         "suppressed, interrupts=20 sent/80 suppressed, merges=5",
     ]
+
+
+def test_job_banner_sizes_like_fio() -> None:
+    from qiothread.report.summary import job_banner
+    job = JobOptions().with_options(parse_fio_args(
+        ["--name=j", "--bs=4k,8k,16k"]))
+    # fio 3.33: fio --name=j --bs=4k,8k,16k,32k
+    assert job_banner(job) == (
+        "j: (g=0): rw=read, bs=(R) 4096B-4096B, (W) 8192B-8192B, "
+        "(T) 16.0KiB-16.0KiB, ioengine=psync, iodepth=1")
