@@ -23,6 +23,7 @@ the reason after a colon.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import enum
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -198,7 +199,8 @@ class JobOptions:
             handler = _HANDLERS.get(name)
             if handler is None:
                 shown = raw_name if value is None else f"{raw_name}={value}"
-                raise FioOptionError(f"Bad option <{shown}>")
+                raise FioOptionError(f"Bad option <{shown}>"
+                                     + _did_you_mean(name))
             if value is None and name not in _FLAGS:
                 raise FioOptionError(
                     f"Option {name} requires an argument")
@@ -473,6 +475,12 @@ _FLAGS = frozenset({"time_based", "direct", "do_verify", "thread",
                     "randrepeat", "invalidate"})
 
 
+def _did_you_mean(name: str) -> str:
+    """fio's hint for a misspelt option."""
+    close = difflib.get_close_matches(name, [*_HANDLERS, *_ALIASES], 1)
+    return f"\nDid you mean {close[0]}?" if close else ""
+
+
 def parse_fio_args(args: Iterable[str]) -> list[tuple[str, str | None]]:
     """Split fio-style ``--opt=value`` / ``--flag`` arguments.
 
@@ -486,6 +494,7 @@ def parse_fio_args(args: Iterable[str]) -> list[tuple[str, str | None]]:
         name, sep, value = arg[2:].partition("=")
         key = _ALIASES.get(name.lower(), name.lower())
         if key not in _HANDLERS:
-            raise FioOptionError(f"fio: unrecognized option '{arg}'")
+            raise FioOptionError(f"fio: unrecognized option '{arg}'"
+                                 + _did_you_mean(key))
         pairs.append((name, value if sep else None))
     return pairs

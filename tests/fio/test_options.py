@@ -177,3 +177,14 @@ def test_numjobs_clones_get_distinct_seeds() -> None:
     clones = job("--numjobs=3", "--randseed=10").expand_numjobs()
     assert [c.randseed for c in clones] == [10, 11, 12]
     assert all(c.numjobs == 1 for c in clones)
+
+
+def test_misspelt_option_gets_fios_hint() -> None:
+    with pytest.raises(FioOptionError) as ei:
+        job("--iodepht=4")
+    assert str(ei.value) == ("fio: unrecognized option '--iodepht=4'\n"
+                             "Did you mean iodepth?")
+    with pytest.raises(FioOptionError) as ei:
+        JobOptions().with_options([("rwmixred", "30")])
+    assert str(ei.value) == "Bad option <rwmixred=30>\nDid you mean " \
+        "rwmixread?"
