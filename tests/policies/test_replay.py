@@ -33,7 +33,7 @@ BASE = "1796314261"
 # with -msg timestamp=on; other events are skipped.
 TRACE = f"""\
 15083@{BASE}.000000:virtqueue_pop vq 0x55aa01 elem 0x55bb00 in_num 2 out_num 1
-15083@{BASE}.000000:virtio_blk_handle_read vdev 0x55cc req 0x55bb00 sector 8 nsectors 8
+1@{BASE}.000000:virtio_blk_handle_read vdev 0x5c req 0x5b sector 8 nsectors 1
 15083@{BASE}.000001:poll_grow ctx 0x55dd old 0 new 4000
 15083@{BASE}.000100:thread_pool_complete pool 0x55ee req 0x1 opaque 0x2 ret 0
 15083@{BASE}.000103:virtqueue_pop vq 0x55aa01 elem 0x55bb01 in_num 2 out_num 1
