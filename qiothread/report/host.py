@@ -21,7 +21,12 @@ any comparison of poll settings depends on these facts:
   limit as a native 32-bit integer in µs (2000000000 means none).
   Opening it to read registers a request at the default value, which
   constrains nothing;
-- the cpufreq governor, where cpufreq exists.
+- the cpufreq governor, where cpufreq exists;
+- the kernel command-line parameters that change idle and wake-up
+  behaviour (``idle=``, ``*.max_cstate``, ``cpuidle.off``,
+  ``cpuidle_haltpoll.*``, ``haltpoll.*``, ``nohz*``, ``isolcpus``,
+  ``rcu_nocbs``, ``intel_pstate``), taken from ``/proc/cmdline``
+  before its ``--`` (what follows is init's, not the kernel's).
 
 Everything is best effort: a missing file leaves its fact out (None),
 never fails the report.
@@ -116,6 +121,22 @@ def _cpu_dma_latency_value(dev: Path) -> int | None:
     return value
 
 
+#: Kernel parameters (by prefix) that bear on idle and wake-up latency.
+_WAKE_PARAMS = ("idle=", "intel_idle.", "processor.max_cstate",
+                "cpuidle.", "cpuidle_haltpoll.", "haltpoll.", "nohz",
+                "isolcpus", "rcu_nocbs", "intel_pstate", "amd_pstate")
+
+
+def _wake_params(proc: Path) -> list[str]:
+    text = _read(proc / "cmdline")
+    if text is None:
+        return []
+    words = text.split()
+    if "--" in words:
+        words = words[:words.index("--")]
+    return [w for w in words if w.startswith(_WAKE_PARAMS)]
+
+
 def host_facts(sys_cpu: Path = Path("/sys/devices/system/cpu"),
                proc: Path = Path("/proc"),
                dma_dev: Path = Path(_CPU_DMA_LATENCY),
@@ -149,6 +170,7 @@ def host_facts(sys_cpu: Path = Path("/sys/devices/system/cpu"),
         "cpu_dma_latency_limited": limit is not None and
         limit < _NO_LIMIT_US,
         "cpu_dma_latency_holders": cpu_dma_latency_holders(proc),
+        "kernel_wake_params": _wake_params(proc),
     }
 
 
@@ -169,6 +191,9 @@ def describe_host(facts: dict[str, Any]) -> str:
     halt = facts.get("haltpoll")
     if halt and "guest_halt_poll_ns" in halt:
         parts.append(f"guest_halt_poll_ns={halt['guest_halt_poll_ns']}")
+    params = facts.get("kernel_wake_params") or []
+    if params:
+        parts.append("cmdline " + " ".join(params))
     holders = facts.get("cpu_dma_latency_holders") or []
     if holders:
         who = ",".join(f"{h['comm']}[{h['pid']}]" for h in holders)

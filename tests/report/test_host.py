@@ -100,3 +100,19 @@ def test_value_read_as_native_int(tmp_path: Path) -> None:
                        haltpoll=tmp_path / "none")
     assert facts["cpu_dma_latency_us"] == 2_000_000_000
     assert not facts["cpu_dma_latency_limited"]
+
+
+def test_wake_params_from_cmdline(tmp_path: Path) -> None:
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "cmdline").write_text(
+        "console=ttyS0 idle=poll intel_idle.max_cstate=1 quiet "
+        "cpuidle_haltpoll.force=1 nohz_full=1 -- --idle=not-kernel\n")
+    facts = host_facts(sys_cpu=tmp_path / "none", proc=proc,
+                       dma_dev=tmp_path / "none",
+                       haltpoll=tmp_path / "none")
+    assert facts["kernel_wake_params"] == [
+        "idle=poll", "intel_idle.max_cstate=1", "cpuidle_haltpoll.force=1",
+        "nohz_full=1"]
+    assert "cmdline idle=poll intel_idle.max_cstate=1" in \
+        describe_host(facts)
