@@ -29,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import mmap
+from typing import Any
 
 __all__ = ["SharedU32", "SharedU64", "address_of", "full_barrier"]
 
@@ -50,11 +51,11 @@ def _load_libatomic() -> ctypes.CDLL:
 _lib = _load_libatomic()
 
 
-def _fn(name: str, argtypes: list[type], restype: type) -> ctypes._CFuncPtr:
+def _fn(name: str, argtypes: list[type], restype: type | None) -> Any:
     f = getattr(_lib, name)
     f.argtypes = argtypes
     f.restype = restype
-    return f  # type: ignore[no-any-return]
+    return f
 
 
 _VP, _I = ctypes.c_void_p, ctypes.c_int
