@@ -282,3 +282,39 @@ def test_regression_raising_callback_leaves_the_context_usable(
     ctx.set_event_notifier(e0, e0.test_and_clear)
     ctx.aio_poll(False)
     assert old1 not in ctx.handlers          # ... freed by the next walk
+
+
+def test_nested_poll_takes_a_node_off_the_parents_ready_list(
+        ctx: AioContext, notifiers: list[EventNotifier]) -> None:
+    """§4.7: e0 and e1 are both ready; e0's handler runs a nested
+    aio_poll, which finds e1 still readable and dispatches it; the
+    parent must not dispatch e1 a second time."""
+    e0, e1 = notifiers[0], notifiers[1]
+    calls: list[str] = []
+
+    def read0() -> None:
+        e0.test_and_clear()
+        calls.append("e0")
+        node1 = ctx.fd_handlers[e1.fileno()]
+        parent = node1.ready_list
+        ctx.aio_poll(False)         # nested: need_wait, so it waits(0)
+        calls.append("e0 done")
+        if parent is not None:      # e1 was waiting on our list
+            assert node1 not in parent
+
+    def read1() -> None:
+        calls.append("e1")
+        e1.test_and_clear()
+
+    ctx.set_event_notifier(e0, read0)       # no io_poll: need_wait
+    ctx.set_event_notifier(e1, read1)
+    drain(ctx)
+    e0.set()
+    e1.set()
+    ctx.aio_poll(True)
+    if ctx.fdmon.name == "poll":
+        # ppoll reports both; dispatch is oldest-registered first: e0,
+        # then e1 inside the nested call, off the parent's list.
+        assert calls == ["e0", "e1", "e0 done"]
+    else:
+        assert calls.count("e1") == 1 and calls.count("e0") == 1
