@@ -159,3 +159,38 @@ def real_disk_dir(*candidates: str | os.PathLike[str]) -> Path:
     raise FileNotFoundError(
         "no directory on a real disk among "
         + ", ".join(str(c) for c in candidates))
+
+
+def _main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    from blockdev.faults import parse_size
+    ap = argparse.ArgumentParser(
+        prog="python -m blockdev.images",
+        description="Create or check a pattern-filled raw image.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("create", help="write an image (never sparse)")
+    c.add_argument("path")
+    c.add_argument("size", help="bytes, or with k/M/G suffix")
+    c.add_argument("--seed", type=int, default=0)
+    k = sub.add_parser("check", help="verify the pattern")
+    k.add_argument("path")
+    k.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.cmd == "create":
+        info = create_pattern_image(args.path, parse_size(args.size),
+                                    args.seed)
+        print(f"{info.path}: {info.size} bytes, seed {info.seed}, "
+              f"{info.allocated} bytes allocated")
+        return 0
+    bad = check_pattern(args.path, args.seed)
+    if bad is None:
+        print(f"{args.path}: pattern ok (seed {args.seed})")
+        return 0
+    print(f"{args.path}: pattern broken at offset {bad} "
+          f"(sector {bad // SECTOR})")
+    return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())

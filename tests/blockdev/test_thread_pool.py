@@ -1,0 +1,199 @@
+"""The per-AioContext thread pool (QEMU's util/thread-pool.c)."""
+
+from __future__ import annotations
+
+import errno
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from blockdev import thread_pool
+from blockdev.thread_pool import (
+    ThreadPool,
+    ThreadPoolState,
+    aio_get_thread_pool,
+    aio_put_thread_pool,
+    set_thread_pool_params,
+)
+from qiothread import trace
+from tests.blockdev.conftest import Waiter, make_context, run_until
+
+
+@pytest.fixture
+def pool(ctx: Any) -> Iterator[ThreadPool]:
+    p = ThreadPool(ctx)
+    yield p
+    p.close()
+
+
+def _workers() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "worker"]
+
+
+def test_results_reach_callbacks_in_the_home_thread(
+        pool: ThreadPool, ctx: Any) -> None:
+    home = threading.get_ident()
+    w = Waiter()
+    seen: list[int] = []
+
+    def cb(i: int) -> Any:
+        inner = w.cb(i)
+
+        def done(ret: int) -> None:
+            seen.append(threading.get_ident())
+            inner(ret)
+        return done
+
+    for i in range(20):
+        pool.submit(lambda i=i: -i, cb(i))
+    run_until(ctx, w.done(20))
+    assert w.results == {i: -i for i in range(20)}
+    assert set(seen) == {home}
+    assert pool.head == []
+
+
+def test_workers_are_named_and_capped(ctx: Any) -> None:
+    pool = ThreadPool(ctx, min_threads=0, max_threads=3)
+    try:
+        gate = threading.Event()
+        running = threading.Semaphore(0)
+
+        def job() -> int:
+            running.release()
+            gate.wait(60)
+            return 0
+
+        w = Waiter()
+        for i in range(6):
+            pool.submit(job, w.cb(i))
+        for _ in range(3):
+            # Spawning goes through a BH in the pool's context.
+            deadline = time.monotonic() + 30
+            while not running.acquire(timeout=0.01):
+                ctx.aio_poll(False)
+                assert time.monotonic() < deadline
+        assert pool.cur_threads == 3
+        assert len(_workers()) >= 3
+        assert not running.acquire(timeout=0.2)   # the 4th waits
+        gate.set()
+        run_until(ctx, w.done(6))
+        assert pool.cur_threads == 3
+    finally:
+        pool.close()
+
+
+def test_idle_workers_leave_down_to_min(ctx: Any) -> None:
+    pool = ThreadPool(ctx, min_threads=1, max_threads=4,
+                      idle_timeout_s=0.2)
+    try:
+        gate = threading.Barrier(4)
+        w = Waiter()
+        for i in range(4):
+            pool.submit(lambda: gate.wait(60) * 0, w.cb(i))
+        run_until(ctx, w.done(4))
+        assert pool.cur_threads == 4
+        deadline = time.monotonic() + 30
+        while pool.cur_threads > 1:
+            assert time.monotonic() < deadline, pool.cur_threads
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert pool.cur_threads == 1     # min_threads stay
+    finally:
+        pool.close()
+
+
+def test_only_queued_requests_cancel(pool: ThreadPool, ctx: Any) -> None:
+    pool.update_params(0, 1)
+    gate = threading.Event()
+    started = threading.Event()
+
+    def blocker() -> int:
+        started.set()
+        gate.wait(60)
+        return 7
+
+    w = Waiter()
+    active = pool.submit(blocker, w.cb("active"))
+    queued = pool.submit(lambda: 1, w.cb("queued"))
+    deadline = time.monotonic() + 30
+    while not started.is_set():
+        ctx.aio_poll(False)
+        assert time.monotonic() < deadline
+    assert active.state is ThreadPoolState.ACTIVE
+    assert queued.state is ThreadPoolState.QUEUED
+    assert not pool.cancel(active)
+    assert pool.cancel(queued)
+    gate.set()
+    run_until(ctx, w.done(2))
+    assert w.results == {"active": 7, "queued": -errno.ECANCELED}
+
+
+def test_trace_events(pool: ThreadPool, ctx: Any, tmp_path: Path) -> None:
+    out = tmp_path / "t.log"
+    old = trace.sink_fileno()
+    trace.configure(["thread_pool_*"], file=str(out))
+    try:
+        w = Waiter()
+        pool.submit(lambda: 5, w.cb(0))
+        run_until(ctx, w.done(1))
+    finally:
+        trace.disable_all()
+        trace.flush_to(old)
+    lines = out.read_text().splitlines()
+    assert [ln.split()[0] for ln in lines] == ["thread_pool_submit",
+                                              "thread_pool_complete"]
+    assert lines[1].endswith(" ret 5")
+
+
+def test_params_per_context_and_refcount() -> None:
+    ctx = make_context()
+    try:
+        set_thread_pool_params(ctx, 2, 5)
+        p1 = aio_get_thread_pool(ctx)
+        p2 = aio_get_thread_pool(ctx)
+        assert p1 is p2
+        assert (p1.min_threads, p1.max_threads) == (2, 5)
+        deadline = time.monotonic() + 30
+        while p1.cur_threads - p1.new_threads < 2:   # min spawned
+            ctx.aio_poll(False)
+            assert time.monotonic() < deadline
+        set_thread_pool_params(ctx, 0, 1)
+        assert p1.max_threads == 1
+        aio_put_thread_pool(ctx)
+        assert thread_pool._pools[id(ctx)][1] is p1
+        aio_put_thread_pool(ctx)
+        assert id(ctx) not in thread_pool._pools
+        assert p1.cur_threads == 0
+    finally:
+        ctx.close()
+
+
+def test_regression_close_with_unstarted_workers_is_prompt(
+        ctx: Any) -> None:
+    """close() waited 30 s for workers counted but never started."""
+    pool = ThreadPool(ctx, min_threads=4)
+    # No aio_poll ran, so the spawning BH never ran: 4 counted, 0 alive.
+    assert pool.cur_threads == 4 and pool.new_threads == 4
+    t = time.monotonic()
+    pool.close(timeout_s=30)
+    assert pool.cur_threads == 0
+    assert time.monotonic() - t < 10
+
+
+def test_polling_finds_pool_completions(ctx: Any) -> None:
+    # With polling on, the pool's io_poll yields the GIL while work is
+    # outstanding and reports finished work as progress.
+    ctx.set_poll_params(10_000_000, 0, 0)
+    pool = ThreadPool(ctx)
+    try:
+        w = Waiter()
+        for i in range(50):
+            pool.submit(lambda: 0, w.cb(i))
+            run_until(ctx, w.done(i + 1))
+        assert pool._last_io_poll_ns > 0, "io_poll never ran"
+    finally:
+        pool.close()
