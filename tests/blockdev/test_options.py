@@ -41,7 +41,7 @@ def test_cache_mode_table(mode: str, row: tuple[bool, bool, bool]) -> None:
 
 
 def test_cache_mode_invalid() -> None:
-    with pytest.raises(ConfigError, match="^invalid cache option$"):
+    with pytest.raises(ConfigError, match=r"^invalid cache option$"):
         parse_cache_mode("fast")
 
 
