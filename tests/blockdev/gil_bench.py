@@ -160,7 +160,8 @@ def main() -> None:
     configs = [("no yield, 5 ms interval", "none", default),
                ("no yield, 50 us interval", "none", 50e-6),
                ("yield sched_yield", "sched_yield", default),
-               ("yield getpid", "getpid", default)]
+               ("yield getpid", "getpid", default),
+               ("yield getpid, 50 us interval", "getpid", 50e-6)]
     try:
         mode = "buffered" if args.buffered else "O_DIRECT"
         print(f"poll-max-ns={args.poll_max_ns}, 4 KiB random reads, "
