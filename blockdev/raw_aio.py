@@ -31,7 +31,7 @@ import errno
 import mmap
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from blockdev import host
@@ -93,9 +93,6 @@ class RawAIOCB:
     iov: Sequence[memoryview] = ()
     #: O_DIRECT offset/length alignment of the node (bounce path).
     align: int = 1
-    #: Filled in by engines that resubmit (io_uring short reads).
-    done: int = 0
-    extra: dict[str, object] = field(default_factory=dict)
 
 
 class BHLike(Protocol):

@@ -162,3 +162,33 @@ def test_plugged_queue_submits_at_max_entries(image: tuple[Path, int],
     assert set(w.results.values()) == {0}
     for i in (0, MAX_ENTRIES, n - 1):
         assert first_mismatch(views[i], i * 4096, seed=4) is None
+
+
+def test_ring_refused_falls_back_to_threads(
+        image: tuple[Path, int], ctx: Any, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from blockdev import io_uring
+    from blockdev.options import open_blockdev
+
+    def refuse(entries: int, ring: object, *a: object) -> int:
+        # As io_uring_setup does with kernel.io_uring_disabled=2 (a
+        # system-wide switch other suites on this host depend on).
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(io_uring._uring, "io_uring_queue_init", refuse)
+    node = open_blockdev({"driver": "file", "filename": str(image[0]),
+                          "aio": "io_uring"})
+    try:
+        node.attach_aio_context(ctx)
+        assert node.aio == "threads" and node.aio_requested == "io_uring"
+        assert ("Unable to use io_uring, falling back to thread pool: "
+                "failed to init linux io_uring ring: Operation not "
+                "permitted" in caplog.text)
+        view = aligned_buffer(4096)
+        w = Waiter()
+        node.preadv(0, [view], w.cb(0))
+        run_until(ctx, w.done(1))
+        assert w.results == {0: 0}
+        assert first_mismatch(view, 0, seed=4) is None
+    finally:
+        node.close()
