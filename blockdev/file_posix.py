@@ -18,6 +18,8 @@ of docs/interfaces.md.  What it relies on (reference §12):
   context's thread pool, LinuxAioState or LuringState.  If native or
   io_uring cannot start there, the node falls back to the thread pool
   and says so, as ``raw_aio_attach_aio_context`` does.
+- DISCARD is a no-op that succeeds unless ``discard=unmap`` (QEMU's
+  default is ``ignore``), and only then may WRITE_ZEROES deallocate.
 - FLUSH is fdatasync (a no-op with ``cache.no-flush=on``), through
   io_uring's own fsync under aio=io_uring and through the thread pool
   otherwise; DISCARD and WRITE_ZEROES always run in the thread pool.
@@ -77,6 +79,9 @@ class FileOptions:
     #: followed by a flush before they complete (the block layer's FUA
     #: emulation when the guest has no write cache).
     write_cache: bool = True
+    #: ``discard=unmap`` (BDRV_O_UNMAP); QEMU's default ``ignore`` makes
+    #: DISCARD a successful no-op and WRITE_ZEROES never deallocate.
+    discard_unmap: bool = False
     faults: FaultSpec | None = None
 
 
@@ -96,6 +101,7 @@ class FilePosixNode:
         self.no_flush = opts.no_flush
         self.write_cache = opts.write_cache
         self.aio_max_batch = opts.aio_max_batch
+        self.discard_unmap = opts.discard_unmap
         #: The engine asked for; ``aio`` is the one in use after attach.
         self.aio_requested = opts.aio
         self.aio = opts.aio
@@ -226,8 +232,14 @@ class FilePosixNode:
         self._submit(RawAIOCB(AioType.FLUSH, self.fd, 0, 0), cb)
 
     def pdiscard(self, offset: int, nbytes: int, cb: CompletionCB) -> None:
-        """DISCARD: punch a hole (file) or BLKDISCARD (device)."""
+        """DISCARD: punch a hole (file) or BLKDISCARD (device).
+
+        A no-op that succeeds unless the node has ``discard=unmap``.
+        """
         if self._bad_range(offset, nbytes, cb, write=True):
+            return
+        if not self.discard_unmap:
+            self._complete_soon(cb, 0)
             return
         self._submit(RawAIOCB(self._dev_flags(AioType.DISCARD), self.fd,
                               offset, nbytes, align=self.request_alignment),
@@ -239,7 +251,7 @@ class FilePosixNode:
         if self._bad_range(offset, nbytes, cb, write=True):
             return
         t = self._dev_flags(AioType.WRITE_ZEROES)
-        if may_unmap:
+        if may_unmap and self.discard_unmap:
             t |= AioType.MAY_UNMAP
         self._submit(RawAIOCB(t, self.fd, offset, nbytes,
                               align=self.request_alignment), cb)

@@ -164,6 +164,18 @@ def _check_keys(opts: Mapping[str, object], allowed: set[str]) -> None:
             raise ConfigError(f"Parameter '{key}' is unexpected")
 
 
+#: ``discard``: the -blockdev enum plus -drive's on/off spellings.
+_DISCARD = {"ignore": False, "off": False, "unmap": True, "on": True}
+
+
+def _discard(opts: Mapping[str, object]) -> bool:
+    val = opts.get("discard", "ignore")
+    if val not in _DISCARD:
+        raise ConfigError(
+            f"Parameter 'discard' does not accept value '{val}'")
+    return _DISCARD[str(val)]
+
+
 def _faults(opts: Mapping[str, object]) -> FaultSpec | None:
     sub = {k[len("faults."):]: str(v) for k, v in opts.items()
            if k.startswith("faults.")}
@@ -192,6 +204,7 @@ def _open_file(opts: Mapping[str, object]) -> FilePosixNode:
         read_only=_bool(opts, "read-only", False),
         aio_max_batch=_uint(opts, "aio-max-batch"),
         write_cache=_bool(opts, "write-cache", True),
+        discard_unmap=_discard(opts),
         faults=_faults(opts),
     ))
 
@@ -220,7 +233,8 @@ def open_blockdev(options: Mapping[str, object],
     top = {k: v for k, v in opts.items() if not k.startswith("file.")}
     _check_keys(top, _RAW_KEYS)
     if child_opts:
-        for key in ("read-only", "cache.direct", "cache.no-flush"):
+        for key in ("read-only", "cache.direct", "cache.no-flush",
+                    "discard"):
             if key in top:
                 child_opts.setdefault(key, top[key])
         child = open_blockdev(child_opts, nodes)
@@ -236,8 +250,10 @@ def open_blockdev(options: Mapping[str, object],
     else:
         raise ConfigError("Parameter 'file' is missing")
     node_name = str(top.get("node-name") or f"#block{next(_node_ids)}")
-    return RawFormatNode(node_name, child,
-                         _bool(top, "read-only", child.read_only), owns)
+    raw = RawFormatNode(node_name, child,
+                        _bool(top, "read-only", child.read_only), owns)
+    raw.discard_unmap = _discard(top)
+    return raw
 
 
 class RawFormatNode:
@@ -253,6 +269,8 @@ class RawFormatNode:
         self.file = child
         self.read_only = read_only or child.read_only
         self.owns_child = owns_child
+        #: ``discard=unmap`` on this node (else DISCARD stops here).
+        self.discard_unmap = False
         self.ctx: AioContextLike | None = None
 
     @property
@@ -292,10 +310,13 @@ class RawFormatNode:
         self.file.pwritev(offset, iov, cb)
 
     def _refuse(self, cb: CompletionCB) -> None:
+        self._finish_soon(cb, -errno.EPERM)
+
+    def _finish_soon(self, cb: CompletionCB, ret: int) -> None:
         if self.ctx is None:
             raise BlockError(
                 f"node '{self.node_name}' has no AioContext attached")
-        self.ctx.bh_schedule_oneshot(lambda: cb(-errno.EPERM))
+        self.ctx.bh_schedule_oneshot(lambda: cb(ret))
 
     def flush(self, cb: CompletionCB) -> None:
         self.file.flush(cb)
@@ -304,6 +325,9 @@ class RawFormatNode:
         if self.read_only and not self.file.read_only:
             self._refuse(cb)
             return
+        if not self.discard_unmap:
+            self._finish_soon(cb, 0)
+            return
         self.file.pdiscard(offset, nbytes, cb)
 
     def pwrite_zeroes(self, offset: int, nbytes: int, may_unmap: bool,
@@ -311,7 +335,8 @@ class RawFormatNode:
         if self.read_only and not self.file.read_only:
             self._refuse(cb)
             return
-        self.file.pwrite_zeroes(offset, nbytes, may_unmap, cb)
+        self.file.pwrite_zeroes(offset, nbytes,
+                                may_unmap and self.discard_unmap, cb)
 
     def io_plug(self) -> None:
         self.file.io_plug()

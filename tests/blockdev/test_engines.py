@@ -87,7 +87,7 @@ def test_write_then_read_identical(image: Path, ctx: Any,
 
 @pytest.mark.parametrize("aio", ENGINES)
 def test_discard_and_write_zeroes(image: Path, ctx: Any, aio: str) -> None:
-    node = _open(image, aio, ctx)
+    node = _open(image, aio, ctx, discard="unmap")
     try:
         blocks_before = os.stat(image).st_blocks
         w = Waiter()
@@ -108,6 +108,31 @@ def test_discard_and_write_zeroes(image: Path, ctx: Any, aio: str) -> None:
         node.preadv(2 * MiB + 65536, [view[:4096]], w.cb("after"))
         run_until(ctx, w.done(len(w.results) + 1))
         assert first_mismatch(view[:4096], 2 * MiB + 65536, 7) is None
+    finally:
+        node.close()
+
+
+@pytest.mark.parametrize("aio", ENGINES)
+def test_discard_ignore_is_a_successful_no_op(image: Path, ctx: Any,
+                                              aio: str) -> None:
+    # QEMU's default discard=ignore: DISCARD succeeds and does nothing,
+    # and WRITE_ZEROES zeroes without deallocating.
+    node = _open(image, aio, ctx)
+    try:
+        blocks = os.stat(image).st_blocks
+        w = Waiter()
+        node.pdiscard(0, MiB, w.cb("discard"))
+        node.pwrite_zeroes(MiB, MiB, True, w.cb("zeroes"))
+        run_until(ctx, w.done(2))
+        assert w.results == {"discard": 0, "zeroes": 0}
+        assert os.stat(image).st_blocks == blocks
+        view = aligned_buffer(MiB)
+        node.preadv(0, [view], w.cb("r0"))
+        run_until(ctx, w.done(3))
+        assert first_mismatch(view, 0, seed=7) is None
+        node.preadv(MiB, [view], w.cb("r1"))
+        run_until(ctx, w.done(4))
+        assert bytes(view) == bytes(MiB)
     finally:
         node.close()
 

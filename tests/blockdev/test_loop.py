@@ -49,7 +49,8 @@ def loopdev(request: pytest.FixtureRequest, workdir: Path
 
 def _node(dev: LoopDevice, aio: str, ctx: Any) -> Any:
     node = open_blockdev({"driver": "host_device", "filename": dev.path,
-                          "aio": aio, "cache.direct": "on"})
+                          "aio": aio, "cache.direct": "on",
+                          "discard": "unmap"})
     node.attach_aio_context(ctx)
     assert node.aio == aio
     return node
@@ -83,6 +84,7 @@ def test_io_through_each_engine(loopdev: LoopDevice, ctx: Any,
         run_until(ctx, w.done(1))
         assert w.results["read"] == 0
         assert first_mismatch(view, SIZE - 65536, seed=5) is None
+        blocks = os.stat(loopdev.backing_file).st_blocks
         view[:] = b"\xa5" * 65536
         node.pwritev(65536, [view], w.cb("write"))
         node.flush(w.cb("flush"))
@@ -91,6 +93,9 @@ def test_io_through_each_engine(loopdev: LoopDevice, ctx: Any,
         run_until(ctx, w.done(5))
         assert all(w.results[k] == 0
                    for k in ("write", "flush", "discard", "zeroes"))
+        # BLKDISCARD on the loop device punched the backing file.
+        assert os.stat(loopdev.backing_file).st_blocks <= \
+            blocks - 65536 // 512
         node.preadv(65536, [view], w.cb("back"))
         run_until(ctx, w.done(6))
         assert bytes(view) == b"\xa5" * 65536

@@ -65,6 +65,8 @@ def test_aio_values() -> None:
      "non-negative integer"),
     ({"aio-max-batch": "x"}, "Parameter 'aio-max-batch' expects integer"),
     ({"colour": "red"}, "Parameter 'colour' is unexpected"),
+    ({"discard": "always"}, "Parameter 'discard' does not accept value "
+     "'always'"),
 ])
 def test_file_option_errors(image: Path, opts: dict[str, Any],
                             msg: str) -> None:
