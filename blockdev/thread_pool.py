@@ -290,8 +290,10 @@ class ThreadPool:
                     self.completion_bh.schedule()
                     req.cb(req.ret)
                     self.completion_bh.cancel()
-                    restart = True
-                    break
+                # head changed under the iteration (and cb may have
+                # changed it more): scan again from the start.
+                restart = True
+                break
 
     # -- the GIL hand-over hook (see the module docstring) ------------
 

@@ -197,3 +197,27 @@ def test_polling_finds_pool_completions(ctx: Any) -> None:
         assert pool._last_io_poll_ns > 0, "io_poll never ran"
     finally:
         pool.close()
+
+
+def test_regression_elements_without_callback_do_not_hide_others(
+        ctx: Any) -> None:
+    """Removing a callback-less element mid-scan skipped the next one."""
+    pool = ThreadPool(ctx, min_threads=2)
+    try:
+        deadline = time.monotonic() + 30
+        while pool.idle_threads < 2:        # both workers up and idle
+            ctx.aio_poll(False)
+            assert time.monotonic() < deadline
+        w = Waiter()
+        first = pool.submit(lambda: 0, None)
+        pool.submit(lambda: 0, w.cb("second"))
+        # Wait for both without running the loop (so no BH runs yet).
+        while not all(e.state is ThreadPoolState.DONE for e in pool.head):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert pool.head[0] is first
+        # One run of the completion BH must call back the second one.
+        pool._completion_bh()
+        assert w.results == {"second": 0} and pool.head == []
+    finally:
+        pool.close()
