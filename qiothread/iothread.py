@@ -74,6 +74,7 @@ import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+from blockdev.thread_pool import set_thread_pool_params
 from qiothread.aio import AioContext, tune_gil_for_polling
 from qiothread.barrier import SharedU64, full_barrier
 from qiothread.errors import ConfigError, InternalError
@@ -469,12 +470,17 @@ class IOThread(EventLoopBase):
         max_ns, grow, shrink, batch, pool_min, pool_max = vals
         ctx.set_poll_params(max_ns, grow, shrink)
         ctx.set_aio_params(batch)
-        # TODO: hand thread-pool-min/max to the context's pool - until
-        # AioContext carries them (QEMU's ctx->thread_pool_min/max, read
-        # by thread_pool_update_params), blockdev's pool runs with its
-        # defaults 0/64 whatever these properties say.
+        # QEMU re-applies the pool bounds with every parameter change
+        # and refuses a bad pair there, keeping the pool as it was (the
+        # refused value stays stored in the property: §8.1's quirk).
+        try:
+            check_thread_pool_params(pool_min, pool_max)
+        except ConfigError:
+            pass
+        else:
+            set_thread_pool_params(ctx, pool_min, pool_max)
+            self._pool = (pool_min, pool_max)
         self._applied_seq = before
-        self._pool = (pool_min, pool_max)
         running_with = (ctx.poll_max_ns, ctx.poll_grow, ctx.poll_shrink,
                         ctx.aio_max_batch, *self._pool)
         for i, v in enumerate(running_with):

@@ -20,7 +20,7 @@ import pytest
 
 from qiothread import trace
 from qiothread.aio import AioContext
-from qiothread.errors import ChildProcessError_, QMPCommandError
+from qiothread.errors import ChildProcessError_, ConfigError, QMPCommandError
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
 from qiothread.process import ChildState, Supervisor
@@ -432,3 +432,45 @@ def test_qom_set_resets_a_grown_poll_ns(root: ObjectRoot) -> None:
     state = io.loop_state()
     assert (state["poll_grow"], state["poll_disable_cnt"]) == (2, 0)
     assert io.poll_stats()["poll_ns"] in (0, 4000), grown
+
+
+def _workers(pid: int) -> int:
+    """Threads of the iothread process besides its loop thread."""
+    return len(os.listdir(f"/proc/{pid}/task")) - 1
+
+
+def test_regression_thread_pool_bounds_reach_the_pool(
+        sup: Supervisor) -> None:
+    """thread-pool-min/max used to be stored and shown but never handed
+    to the context's pool, which ran with 0/64 whatever they said.
+
+    QEMU spawns workers up to thread-pool-min as soon as the pool exists
+    (thread_pool_update_params), so the pool made in the iothread shows
+    exactly that many worker threads, and a qom-set of a larger min
+    adds more in the running loop.
+    """
+    from blockdev.thread_pool import aio_get_thread_pool
+
+    root = ObjectRoot({"iothread": IOThread}, sup,
+                      type_options={"iothread": {
+                          "start_on_complete": False}})
+    try:
+        io = add(root, "iothread,id=io0,thread-pool-min=3,"
+                       "thread-pool-max=8")
+        io.on_start(aio_get_thread_pool)
+        io.start()
+        assert io.child is not None
+        pid = io.child.pid
+        wait_until(lambda: _workers(pid) == 3)
+        root.qom_set("/objects/io0", "thread-pool-min", 5)
+        wait_until(lambda: _workers(pid) == 5)
+        assert io.loop_state()["thread_pool_min"] == 5
+        # A refused pair leaves the pool as it was (the §8.1 quirk keeps
+        # only the property value).
+        with pytest.raises(ConfigError):
+            root.qom_set("/objects/io0", "thread-pool-min", 100)
+        time.sleep(0.2)
+        assert _workers(pid) == 5
+        assert io.loop_state()["thread_pool_min"] == 5
+    finally:
+        root.close()
