@@ -178,6 +178,7 @@ class FaultInjector:
         self.delayed = 0
 
     def attach(self, ctx: AioContextLike) -> None:
+        """Start in ``ctx``: its clock is the time base of the stalls."""
         self.ctx = ctx
         self.t0 = ctx.clock.now_ns()
         self.next_start_ns = self.t0
@@ -185,6 +186,7 @@ class FaultInjector:
         self.release_timer = ctx.timer_new_ns(self._release)
 
     def detach(self) -> None:
+        """Stop the timers (held completions stay held)."""
         for t in (self.throttle_timer, self.release_timer):
             if t is not None:
                 t.del_()
@@ -198,6 +200,7 @@ class FaultInjector:
     # -- submission: throttle, then EIO or the engine ------------------
 
     def submit(self, req: RawAIOCB, cb: CompletionCB) -> None:
+        """Throttle, then fail or pass ``req`` on; delay its completion."""
         spec = self.spec
         if not (spec.iops or spec.bps):
             self._dispatch(req, cb)

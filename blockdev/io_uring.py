@@ -231,11 +231,13 @@ class LuringState:
         self._resubmit(luringcb)
 
     def io_plug(self) -> None:
+        """Hold submissions (nested: counts)."""
         if trace.luring_io_plug.enabled:
             trace.luring_io_plug(self)
         self.plugged += 1
 
     def io_unplug(self, dev_max_batch: int) -> None:
+        """Undo one io_plug; submit what is queued per QEMU's rule."""
         del dev_max_batch
         assert self.plugged > 0, "io_unplug without io_plug"
         if trace.luring_io_unplug.enabled:

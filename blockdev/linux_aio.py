@@ -279,9 +279,11 @@ class LinuxAioState:
             self.completion_bh.schedule()
 
     def io_plug(self) -> None:
+        """Hold submissions (nested: counts)."""
         self.plugged += 1
 
     def io_unplug(self, dev_max_batch: int) -> None:
+        """Undo one io_plug; submit what is queued per QEMU's rule."""
         assert self.plugged > 0, "io_unplug without io_plug"
         self.plugged -= 1
         if self.in_queue >= self._max_batch(dev_max_batch) or (

@@ -111,6 +111,8 @@ class TimerLike(Protocol):
 
 
 class ClockLike(Protocol):
+    """What blockdev uses of the context's clock."""
+
     def now_ns(self) -> int: ...
 
 
@@ -169,6 +171,7 @@ def buffer_address(view: memoryview) -> int | None:
 
 
 def iov_length(iov: Sequence[memoryview]) -> int:
+    """Total bytes of a scatter-gather list."""
     return sum(len(v) for v in iov)
 
 
