@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -214,3 +215,31 @@ def test_read_only_device_refuses_writes(workdir: Path, ctx: Any) -> None:
             assert w.results[0] == -errno.EPERM
         finally:
             node.close()
+
+
+@pytest.mark.skipif(shutil.which("mkfs.ext4") is None, reason="no mkfs")
+def test_fall_back_to_buffered_is_reported(workdir: Path) -> None:
+    # A filesystem on a 4096-byte device needs 4096-aligned O_DIRECT, so
+    # a 512-byte loop device on a file there cannot use direct I/O: the
+    # kernel attaches it buffered and says so only in sysfs.
+    outer_img = create_pattern_image(workdir / "fs.img", 64 << 20).path
+    mnt = workdir / "mnt"
+    mnt.mkdir()
+    with attach(outer_img, block_size=4096) as outer:
+        subprocess.run(["mkfs.ext4", "-q", "-F", outer.path], check=True,
+                       capture_output=True)
+        subprocess.run(["mount", outer.path, str(mnt)], check=True)
+        try:
+            inner_img = create_pattern_image(mnt / "inner.img",
+                                             4 << 20).path
+            with attach(inner_img, direct_io=True, block_size=512) as dev:
+                assert loop_info(dev.path)["dio"] == "0"
+                assert not dev.direct_io and dev.fell_back
+                assert dev.describe().endswith(
+                    "buffered I/O, logical block size 512 (direct I/O was "
+                    "requested; the kernel fell back to buffered)")
+            with attach(inner_img, direct_io=True, block_size=4096) as dev:
+                assert dev.direct_io and not dev.fell_back
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+            mnt.rmdir()
