@@ -36,9 +36,10 @@ GIL-releasing foreign call per spin it took 6 µs.  In an iothread that
 means thread-pool completions land after the poll window, polling
 stops paying off, and the loop blocks in ppoll for every request.
 
-The mechanism: the pool registers its own poll handler (on a private
-EventNotifier that is written only to (re)join the poll set).  While
-the pool has requests outstanding and none has finished, its
+The mechanism: on its first request the pool registers its own poll
+handler, on a private EventNotifier that is written only to (re)join
+the poll set.  While the pool has requests outstanding and none has
+finished, its
 ``io_poll`` makes one foreign call, ``getpid()``, through ctypes,
 which releases the GIL for the length of the call, so a worker that
 waits for the GIL takes it inside the poll window.  With nothing
@@ -195,9 +196,9 @@ class ThreadPool:
         self.done_signal: collections.deque[ThreadPoolElement] = (
             collections.deque())
         self._last_io_poll_ns = 0
-        self.poll_notifier = EventNotifier()
-        ctx.set_event_notifier(self.poll_notifier, self._poll_read,
-                               self._io_poll, self._io_poll_ready)
+        #: Registered with the context on the first submit, so that a
+        #: context whose nodes never use the pool carries no extra fd.
+        self.poll_notifier: EventNotifier | None = None
         self.update_params(min_threads, max_threads)
 
     # -- home thread -------------------------------------------------
@@ -212,8 +213,13 @@ class ThreadPool:
         if (len(self.head) == 1
                 and time.monotonic_ns() - self._last_io_poll_ns
                 > _REJOIN_NS):
-            # Polling has not looked at us lately: we may have been
-            # dropped from the poll set as idle; a dispatch re-adds us.
+            # Polling has not looked at us lately: we are new, or were
+            # dropped from the poll set as idle; a dispatch (re)adds us.
+            if self.poll_notifier is None:
+                self.poll_notifier = EventNotifier()
+                self.ctx.set_event_notifier(
+                    self.poll_notifier, self._poll_read, self._io_poll,
+                    self._io_poll_ready)
             self.poll_notifier.set()
         with self.lock:
             if (self.idle_threads == 0
@@ -268,8 +274,10 @@ class ThreadPool:
                 lambda: self.cur_threads == 0, timeout_s)
         self.head.clear()
         self.done_signal.clear()
-        self.ctx.set_event_notifier(self.poll_notifier, None)
-        self.poll_notifier.close()
+        if self.poll_notifier is not None:
+            self.ctx.set_event_notifier(self.poll_notifier, None)
+            self.poll_notifier.close()
+            self.poll_notifier = None
         self.completion_bh.delete()
         self.new_thread_bh.delete()
 
@@ -298,6 +306,7 @@ class ThreadPool:
     # -- the GIL hand-over hook (see the module docstring) ------------
 
     def _poll_read(self) -> None:
+        assert self.poll_notifier is not None
         self.poll_notifier.test_and_clear()
 
     def _io_poll(self) -> bool:
