@@ -141,6 +141,13 @@ class AioContext:
         self.poll_started = False
         #: Handlers without io_poll; > 0 disables polling (poll/epoll).
         self.poll_disable_cnt = 0
+        #: Called in every aio_poll right after the wait, before the
+        #: notify is accepted and poll_ns adapted (home thread).  An
+        #: IOThread applies parameters changed by the main process here:
+        #: in QEMU the main thread's aio_context_set_poll_params takes
+        #: effect at once, so the iteration it wakes already adapts from
+        #: the reset poll_ns, and its aio_notify is the one accepted.
+        self.after_wait: Callable[[], None] | None = None
 
         # Handler lists, §1.1 (home thread).
         #: ``aio_handlers``, newest first, deleted-but-unfreed included.
@@ -349,13 +356,17 @@ class AioContext:
             finally:
                 if use_notify_me:
                     self._notify_me.fetch_sub(2)
+            if self.after_wait is not None:
+                self.after_wait()
             # aio_notify_accept: a notify from now on must be seen by the
             # next iteration; the barrier orders the clear before the
             # reads of BH flags and handler state below.
             self._ctl[_I_NOTIFIED] = 0
             full_barrier()
 
-            if poll_max_ns:
+            # Read again, as QEMU does: a change made during the wait
+            # counts from here (block_ns from 0 then, so a shrink).
+            if self.poll_max_ns:
                 t = now()
                 block_ns = t - start
                 self.policy.adjust(self, block_ns, t)

@@ -19,25 +19,19 @@ What crosses the process boundary, and how:
   without ``io_poll`` would raise ``poll_disable_cnt`` and turn polling
   off for the whole context (reference §2), changing what is measured.
   The main process writes the values under a sequence lock (the count
-  is odd while it writes) and then notifies; the notify makes the
-  loop's current or next ``aio_poll`` return, and the loop, between two
-  ``aio_poll`` calls, sees the new count, copies the values and applies
-  them with ``set_poll_params`` (which resets ``poll_ns`` to 0) and
-  ``set_aio_params``, as QEMU's setters do on the iothread's context.
-  The Dekker pair of the notify (see :mod:`qiothread.notifier`) makes
-  the wake-up impossible to lose: a count stored before ``notified`` is
-  visible to the loop once it has seen ``notified``.
-
-  Two visible differences from QEMU follow, both one iteration long.
-  QEMU's main thread writes ``ctx->poll_ns = 0`` itself, so the
-  iteration its notify wakes already adapts from 0 (``poll_shrink ...
-  old 0 new 0`` after an idle block); here that iteration adapts from
-  the old value and the reset follows it.  And ``set_poll_params``,
-  called in the loop's own thread, notifies again, which makes the next
-  iteration non-blocking (after which an idle loop grows ``poll_ns`` to
-  4000 and polls once before it blocks; QEMU's would block at once).
-  Removing both needs a hook inside ``aio_poll`` between the wait and
-  the adaptation, which the AioContext does not offer (yet).
+  is odd while it writes) and then notifies.  The loop looks at the
+  count in :attr:`AioContext.after_wait`, right after the wait of every
+  ``aio_poll`` and before the notify is accepted and ``poll_ns`` is
+  adapted, copies the values and applies them with ``set_poll_params``
+  (which resets ``poll_ns`` to 0) and ``set_aio_params``.  That is where
+  QEMU's change lands too: its main thread resets ``ctx->poll_ns``
+  itself before notifying, so the iteration the notify wakes adapts
+  from 0 (``poll_shrink ... old 0 new 0`` after an idle block), and the
+  notify of ``set_poll_params`` is accepted by that same iteration
+  instead of making the next one non-blocking.  The Dekker pair of the
+  notify (see :mod:`qiothread.notifier`) makes the wake-up impossible
+  to lose: a count stored before ``notified`` is visible to the loop
+  once it has seen ``notified``.
 - *Stop* is QEMU's ``iothread_stop``: the request travels the same way
   (a stop word plus ``aio_notify``), and the loop answers it by
   scheduling a oneshot BH that clears ``running``; the next ``aio_poll``
@@ -437,12 +431,16 @@ class IOThread(EventLoopBase):
         channel.ready(thread_id=tid)
 
         words = self._words
-        self._running = True
-        while self._running:
-            ctx.aio_poll(True)
+
+        def after_wait() -> None:
             if words[_SEQ] != self._applied_seq or (
                     words[_STOP] and not self._stop_scheduled):
                 self._loop_apply_params(ctx)
+
+        ctx.after_wait = after_wait
+        self._running = True
+        while self._running:
+            ctx.aio_poll(True)
 
     def _loop_stop_bh(self) -> None:
         self._running = False
