@@ -35,6 +35,7 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +106,8 @@ class FilePosixNode:
         #: The engine asked for; ``aio`` is the one in use after attach.
         self.aio_requested = opts.aio
         self.aio = opts.aio
+        #: Read-modify-writes of the bounce path, one at a time.
+        self.rmw_lock = threading.Lock()
         self.fd = self._open()
         try:
             self._probe()
@@ -254,7 +257,8 @@ class FilePosixNode:
         if may_unmap and self.discard_unmap:
             t |= AioType.MAY_UNMAP
         self._submit(RawAIOCB(t, self.fd, offset, nbytes,
-                              align=self.request_alignment), cb)
+                              align=self.request_alignment,
+                              rmw_lock=self.rmw_lock), cb)
 
     def io_plug(self) -> None:
         """Hold submissions back until the matching io_unplug."""
@@ -278,7 +282,7 @@ class FilePosixNode:
                 offset, iov, self.request_alignment, self.mem_alignment):
             t |= AioType.MISALIGNED
         self._submit(RawAIOCB(t, self.fd, offset, nbytes, iov,
-                              self.request_alignment), cb)
+                              self.request_alignment, self.rmw_lock), cb)
 
     def _bad_range(self, offset: int, nbytes: int, cb: CompletionCB,
                    write: bool) -> bool:
