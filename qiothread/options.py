@@ -375,12 +375,17 @@ class _Builder:
 
     def open_nodes(self) -> None:
         # -blockdev and -drive are created in one command-line order
-        for i, p in enumerate(self.pending["node"]):
+        drives = 0
+        for p in self.pending["node"]:
+            before = len(self.cfg.nodes)
             with self.at(p.option, p.arg):
                 if p.option == "blockdev":
                     self._blockdev(p.parsed)
                 else:
-                    self._add_node(drive_node(p.parsed, i, self.warn))
+                    self._add_node(drive_node(p.parsed, drives, self.warn))
+                    drives += 1
+            if len(self.cfg.nodes) > before:
+                self.cfg.nodes[-1].origin = (p.option, p.arg)
 
     def _blockdev(self, parsed: ParsedOption) -> None:
         flat = visit_blockdev(parsed.visitor())

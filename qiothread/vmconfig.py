@@ -69,6 +69,9 @@ class BlockNodeConfig:
     writethrough: bool = False
     #: A ``-drive`` without ``file=``: no medium.
     empty: bool = False
+    #: The option that made the node, ``("blockdev", ARG)`` or
+    #: ``("drive", ARG)``, to blame it for errors found when it opens.
+    origin: tuple[str, str] = ("blockdev", "")
 
 
 @dataclass(frozen=True)
