@@ -189,7 +189,7 @@ def test_no_io_getevents_syscalls_under_strace(image: tuple[Path, int],
         from blockdev.options import open_blockdev
         from tests.blockdev.conftest import make_context, run_until
         import mmap
-        ctx = make_context(poll_ns=1_000_000)
+        ctx = make_context(poll_ns=50_000_000)
         node = open_blockdev({{"driver": "file", "filename": {str(path)!r},
                               "aio": "native", "cache.direct": "on"}})
         node.attach_aio_context(ctx)
