@@ -51,13 +51,14 @@ from qiothread import trace
 from qiothread import trace_events as _trace_events  # noqa: F401
 from qiothread.block_options import drive_node, visit_blockdev
 from qiothread.errors import ConfigError
-from qiothread.keyval import InputVisitor, ParsedOption, parse_option
+from qiothread.keyval import ParsedOption, parse_option
 from qiothread.qemu_opts import (
     OptionError,
     id_wellformed,
     parse_bool,
     qemu_opts_parse,
 )
+from qiothread.qom import ObjectRoot
 from qiothread.vmconfig import (
     BlockNodeConfig,
     IOThreadConfig,
@@ -67,11 +68,9 @@ from qiothread.vmconfig import (
 )
 
 __all__ = [
-    "IOTHREAD_PROPERTIES",
     "HelpRequested",
     "OptionError",
     "build_machine_config",
-    "iothread_props",
 ]
 
 
@@ -86,58 +85,13 @@ class HelpRequested(Exception):
 
 
 # ---------------------------------------------------------------------
-# -object iothread
+# -object
 
-#: IOThread properties and their defaults (reference §8.1).
-IOTHREAD_PROPERTIES: dict[str, int] = {
-    "poll-max-ns": 32768,
-    "poll-grow": 0,
-    "poll-shrink": 0,
-    "aio-max-batch": 0,
-    "thread-pool-min": 0,
-    "thread-pool-max": 64,
-}
-_INT64_MAX = (1 << 63) - 1
-_INT_MAX = (1 << 31) - 1
 #: Object types QEMU has that qiothread does not model.
 _OTHER_QOM_TYPES = ("main-loop", "memory-backend-ram",
                     "memory-backend-file", "memory-backend-memfd",
                     "throttle-group", "secret", "rng-random",
                     "tls-creds-x509", "authz-simple")
-
-
-def iothread_props(v: InputVisitor) -> dict[str, int]:
-    """Read and check an iothread's properties as QEMU 7.2 does.
-
-    The QAPI visit comes first (types, unknown keys), then each setter
-    checks its range, then ``complete`` checks the thread-pool bounds.
-
-    :raises ConfigError: QEMU's messages (reference §8.1).
-    """
-    given: dict[str, int] = {}
-    for name in IOTHREAD_PROPERTIES:
-        value = v.type_int64(name)
-        if value is not None:
-            given[name] = value
-    v.check_struct()
-    for name, value in given.items():
-        if value < 0:
-            raise ConfigError(
-                f"{name} value must be in range [0, {_INT64_MAX}]")
-    props = {**IOTHREAD_PROPERTIES, **given}
-    lo, hi = props["thread-pool-min"], props["thread-pool-max"]
-    if lo > hi or hi == 0 or lo > _INT_MAX or hi > _INT_MAX:
-        raise ConfigError("bad thread-pool-min/thread-pool-max values")
-    return props
-
-
-def _object_help(qom_type: str | None) -> str:
-    if qom_type is None:
-        return "List of user creatable objects:\n  iothread\n"
-    lines = [f"{qom_type} options:"]
-    for name, default in IOTHREAD_PROPERTIES.items():
-        lines.append(f"  {name}=<int> - (default: {default})")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------
@@ -259,6 +213,10 @@ class _Builder:
         self.device_ids: set[str] = set()
         self.chardevs: dict[str, dict[str, str]] = {}
         self._where: tuple[str, str] | None = None
+        from qiothread.iothread import IOThread
+
+        self._dry_root = ObjectRoot({"iothread": IOThread}, type_options={
+            "iothread": {"start_on_complete": False}})
 
     def warn(self, text: str) -> None:
         where = "" if self._where is None else \
@@ -353,25 +311,18 @@ class _Builder:
                 self._object(p.parsed)
 
     def _object(self, parsed: ParsedOption) -> None:
-        v = parsed.visitor()
-        qom_type = v.type_str("qom-type", required=not parsed.help)
+        """Create an iothread in a dry ``/objects`` (nothing starts):
+        the property model of :mod:`qiothread.iothread` makes QEMU's
+        checks, and the checked values become an IOThreadConfig."""
+        qom_type = parsed.data.get("qom-type")
         if parsed.help:
-            raise HelpRequested(_object_help(qom_type))
-        assert qom_type is not None
-        if qom_type != "iothread":
-            if qom_type in _OTHER_QOM_TYPES:
-                raise ConfigError(f"qiothread: object type '{qom_type}' "
-                                  "is not supported (iothread is)")
-            raise ConfigError(f"Parameter 'qom-type' does not accept "
-                              f"value '{qom_type}'")
-        ident = v.type_str("id", required=True)
-        assert ident is not None
-        if not id_wellformed(ident):
-            raise ConfigError("Parameter 'id' expects an identifier")
-        if self.cfg.iothread(ident) is not None:
-            raise ConfigError(f"attempt to add duplicate property "
-                              f"'{ident}' to object (type 'container')")
-        self.cfg.iothreads.append(IOThreadConfig(ident, iothread_props(v)))
+            raise HelpRequested(self._dry_root.help_text(parsed))
+        if qom_type in _OTHER_QOM_TYPES:
+            raise ConfigError(f"qiothread: object type '{qom_type}' "
+                              "is not supported (iothread is)")
+        obj = self._dry_root.object_add(parsed)
+        props = {p.name: obj.get(p.name) for p in obj.PROPERTIES}
+        self.cfg.iothreads.append(IOThreadConfig(obj.id, props))
 
     def open_nodes(self) -> None:
         # -blockdev and -drive are created in one command-line order

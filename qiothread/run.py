@@ -361,7 +361,7 @@ def write_outputs(plan: RunPlan, report: RunReport, out: TextIO,
         if fmt == "normal":
             out.write(render_summary(report))
         else:
-            doc = build_fio_json(report)
+            doc = build_fio_json(report, plus=fmt == "json+")
             if outcome is not None:
                 _add_guest_counters(doc, outcome)
             out.write(dumps_fio(doc))
