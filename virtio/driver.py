@@ -36,7 +36,6 @@ from qiothread.event_notifier import EventNotifier
 from virtio.memory import GuestMemory
 from virtio.ring import (
     DESC,
-    U16,
     USED_ELEM,
     VRING_AVAIL_F_NO_INTERRUPT,
     VRING_AVAIL_FLAGS,
@@ -120,6 +119,8 @@ class VringDriver:
         self.layout = layout
         self.num = layout.num
         self._buf = mem.buf
+        # Shared fields go through u16: one aligned load or store each.
+        self._u16 = mem.u16
         self.host_notifier = host_notifier
         self.event_idx = has_feature(features, VirtioFeature.RING_EVENT_IDX)
         self.indirect = has_feature(features,
@@ -205,12 +206,12 @@ class VringDriver:
                 DESC.pack_into(buf, table + 16 * descs[i], a, n, f, 0)
         head = descs[0]
         self._chains[head] = descs
-        U16.pack_into(buf, self._avail_ring_at + 2 * (self.avail_idx
-                                                      % self.num), head)
+        u16 = self._u16
+        u16[(self._avail_ring_at >> 1) + self.avail_idx % self.num] = head
         # The slot and the chain must be visible before the index.
         write_barrier()
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        U16.pack_into(buf, self._avail_idx_at, self.avail_idx)
+        u16[self._avail_idx_at >> 1] = self.avail_idx
         self.num_added += 1
         return head
 
@@ -229,11 +230,11 @@ class VringDriver:
         if not added:
             return False
         if self.event_idx:
-            event = U16.unpack_from(self._buf, self._avail_event_at)[0]
+            event: int = self._u16[self._avail_event_at >> 1]
             need = vring_need_event(event, new, old)
         else:
-            flags = U16.unpack_from(self._buf, self.layout.used
-                                    + VRING_USED_FLAGS)[0]
+            flags: int = self._u16[(self.layout.used + VRING_USED_FLAGS)
+                                   >> 1]
             need = not flags & VRING_USED_F_NO_NOTIFY
         if not need:
             self.kicks_suppressed += 1
@@ -257,7 +258,7 @@ class VringDriver:
     def more_used(self) -> bool:
         """Whether the device has published used elements we have not
         consumed (one load, no barrier)."""
-        used_idx: int = U16.unpack_from(self._buf, self._used_idx_at)[0]
+        used_idx: int = self._u16[self._used_idx_at >> 1]
         return self.last_used_idx != used_idx
 
     def get_buf(self) -> tuple[int, int] | None:
@@ -281,8 +282,7 @@ class VringDriver:
         if not self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             # virtio_store_mb: the device must see how far we got
             # before we look at used.idx again.
-            U16.pack_into(self._buf, self._used_event_at,
-                          self.last_used_idx)
+            self._u16[self._used_event_at >> 1] = self.last_used_idx
             full_barrier()
         return head, length
 
@@ -294,10 +294,10 @@ class VringDriver:
         if self.event_idx:
             # What Linux writes: any fixed value does, the device only
             # fires when used.idx passes it, once per 65536 elements.
-            U16.pack_into(self._buf, self._used_event_at, 0)
+            self._u16[self._used_event_at >> 1] = 0
         else:
-            U16.pack_into(self._buf, self.layout.avail + VRING_AVAIL_FLAGS,
-                          self.avail_flags_shadow)
+            self._u16[(self.layout.avail + VRING_AVAIL_FLAGS) >> 1] = (
+                self.avail_flags_shadow)
 
     def enable_cb(self) -> bool:
         """``virtqueue_enable_cb``: re-arm interrupts, then re-check.
@@ -308,12 +308,10 @@ class VringDriver:
         if self.avail_flags_shadow & VRING_AVAIL_F_NO_INTERRUPT:
             self.avail_flags_shadow &= ~VRING_AVAIL_F_NO_INTERRUPT
             if not self.event_idx:
-                U16.pack_into(self._buf,
-                              self.layout.avail + VRING_AVAIL_FLAGS,
-                              self.avail_flags_shadow)
+                self._u16[(self.layout.avail + VRING_AVAIL_FLAGS)
+                          >> 1] = self.avail_flags_shadow
         if self.event_idx:
-            U16.pack_into(self._buf, self._used_event_at,
-                          self.last_used_idx)
+            self._u16[self._used_event_at >> 1] = self.last_used_idx
         # Our re-arm before the used.idx re-read: pairs with the barrier
         # at the start of VirtQueue.should_notify.
         full_barrier()
@@ -325,5 +323,7 @@ class VringDriver:
             return
         counters = dict(counters, kicks=self.kicks,
                         kicks_suppressed=self.kicks_suppressed)
-        _STATS.pack_into(self._buf, self.stats_addr,
-                         *(counters.get(k, 0) for k in DRIVER_STATS_FIELDS))
+        # One copy of the packed block: never the zeroes pack_into
+        # writes first (a reader may be looking).
+        self._buf[self.stats_addr:self.stats_addr + _STATS.size] = (
+            _STATS.pack(*(counters.get(k, 0) for k in DRIVER_STATS_FIELDS)))

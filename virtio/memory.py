@@ -11,6 +11,14 @@ The kernel contract this relies on:
   process the same physical pages: a store by the guest process is seen
   by the iothread process with no copy, as a vhost-user backend sees
   guest RAM.  A mapping inherited through ``fork`` stays shared.
+- A field that another process reads while we write it (ring indices,
+  flags, event indices) must change with one store instruction and be
+  read with one load.  ``struct.pack_into`` does not give that: it
+  zeroes the destination before it writes the value, so a reader can
+  see 0 in between (a ring index going 4899 -> 0 -> 4900), and the
+  little-endian unpackers read byte by byte.  :attr:`GuestMemory.u16`
+  and :attr:`GuestMemory.u32` are typed views whose item access is a
+  single aligned load or store of the native (little-endian) width.
 - Guest-physical addresses here are offsets into the file.  Page 0 is
   reserved (address 0 means "not set up" for a ring, as in QEMU) and
   holds a small header with the allocator's bump pointer, advanced with
@@ -23,6 +31,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import sys
 from types import TracebackType
 
 from qiothread.barrier import SharedU64
@@ -31,6 +40,10 @@ from qiothread.errors import ConfigError
 __all__ = ["GuestMemory"]
 
 log = logging.getLogger(__name__)
+
+if sys.byteorder != "little":  # pragma: no cover - no such host here
+    raise ImportError("virtio rings are little-endian; the typed views "
+                      "of GuestMemory need a little-endian host")
 
 #: "qiothrGM" little-endian: marks a mapping made by :meth:`create`.
 _MAGIC = int.from_bytes(b"qiothrGM", "little")
@@ -48,7 +61,7 @@ class GuestMemory:
     mapping itself (an ``mmap``) and a memoryview over all of it.
     """
 
-    __slots__ = ("_bump", "buf", "fd", "mv", "size")
+    __slots__ = ("_bump", "buf", "fd", "mv", "size", "u16", "u32")
 
     def __init__(self, fd: int, size: int) -> None:
         #: The memfd (inheritable).
@@ -60,6 +73,10 @@ class GuestMemory:
                              mmap.PROT_READ | mmap.PROT_WRITE)
         #: A view of the whole mapping; slices of it are guest buffers.
         self.mv = memoryview(self.buf)
+        #: 16-bit items: ``u16[addr >> 1]`` is one aligned load/store.
+        self.u16 = self.mv.cast("H")
+        #: 32-bit items: ``u32[addr >> 2]`` likewise.
+        self.u32 = self.mv.cast("I")
         self._bump = SharedU64(self.buf, _HDR_BUMP)
 
     @classmethod
@@ -154,6 +171,8 @@ class GuestMemory:
         """
         if self.fd < 0:
             return
+        self.u16.release()
+        self.u32.release()
         self.mv.release()
         try:
             self.buf.close()

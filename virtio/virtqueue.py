@@ -48,7 +48,6 @@ from qiothread.event_notifier import EventNotifier
 from virtio.memory import GuestMemory
 from virtio.ring import (
     DESC,
-    U16,
     USED_ELEM,
     VIRTQUEUE_MAX_SIZE,
     VRING_AVAIL_F_NO_INTERRUPT,
@@ -196,6 +195,9 @@ class VirtQueue:
         self.mem = mem
         self._buf = mem.buf
         self._mv = mem.mv
+        # Fields the guest writes or reads concurrently go through u16:
+        # one aligned load or store each (see virtio.memory).
+        self._u16 = mem.u16
         #: The guest -> device eventfd (KVM's ioeventfd).
         self.host_notifier = host_notifier
         #: The device -> guest eventfd (the irqfd).
@@ -251,15 +253,15 @@ class VirtQueue:
 
     def _avail_idx(self) -> int:
         """``vring_avail_idx``: read ``avail.idx``, refresh the shadow."""
-        self.shadow_avail_idx = U16.unpack_from(
-            self._buf, self._avail_idx_at)[0]
-        return self.shadow_avail_idx
+        idx: int = self._u16[self._avail_idx_at >> 1]
+        self.shadow_avail_idx = idx
+        return idx
 
     def _set_avail_event(self, val: int) -> None:
         """``vring_set_avail_event``: nothing while notification is off."""
         if not self.notification:
             return
-        U16.pack_into(self._buf, self._avail_event_at, val)
+        self._u16[self._avail_event_at >> 1] = val
 
     # -- empty check and pop --------------------------------------------
 
@@ -299,8 +301,7 @@ class VirtQueue:
 
         if self.inuse >= num:
             raise self._error("Virtqueue size exceeded")
-        buf = self._buf
-        head = U16.unpack_from(buf, self.avail + 4 + 2 * (last % num))[0]
+        head: int = self._u16[(self.avail >> 1) + 2 + last % num]
         self.last_avail_idx = (last + 1) & 0xFFFF
         if head >= num:
             raise self._error(f"Guest says index {head} is available")
@@ -395,7 +396,7 @@ class VirtQueue:
             trace.virtqueue_flush(self, count)
         old = self.used_idx
         new = (old + count) & 0xFFFF
-        U16.pack_into(self._buf, self._used_idx_at, new)
+        self._u16[self._used_idx_at >> 1] = new
         self.used_idx = new
         self.inuse -= count
         # If used_idx just moved past signalled_used, the latter no
@@ -429,13 +430,13 @@ class VirtQueue:
         if self._event_idx:
             self._set_avail_event(self._avail_idx())
         else:
-            at = self.used + VRING_USED_FLAGS
-            flags = U16.unpack_from(self._buf, at)[0]
+            at = (self.used + VRING_USED_FLAGS) >> 1
+            flags: int = self._u16[at]
             if enable:
                 flags &= ~VRING_USED_F_NO_NOTIFY & 0xFFFF
             else:
                 flags |= VRING_USED_F_NO_NOTIFY
-            U16.pack_into(self._buf, at, flags)
+            self._u16[at] = flags
         if enable:
             # Pairs with the guest's barrier between its avail.idx store
             # and its read of avail_event / used.flags.
@@ -453,14 +454,13 @@ class VirtQueue:
                 and self.is_empty()):
             return True
         if not self._event_idx:
-            flags = U16.unpack_from(
-                self._buf, self.avail + VRING_AVAIL_FLAGS)[0]
-            return not flags & VRING_AVAIL_F_NO_INTERRUPT
+            aflags: int = self._u16[(self.avail + VRING_AVAIL_FLAGS) >> 1]
+            return not aflags & VRING_AVAIL_F_NO_INTERRUPT
         valid = self.signalled_used_valid
         self.signalled_used_valid = True
         old = self.signalled_used
         new = self.signalled_used = self.used_idx
-        used_event = U16.unpack_from(self._buf, self._used_event_at)[0]
+        used_event: int = self._u16[self._used_event_at >> 1]
         return not valid or vring_need_event(used_event, new, old)
 
     def notify_irqfd(self) -> bool:
