@@ -27,7 +27,6 @@ Single-threaded: one guest process drives one :class:`VringDriver`.
 
 from __future__ import annotations
 
-import struct
 from typing import Final
 
 from qiothread.barrier import full_barrier
@@ -78,15 +77,16 @@ DRIVER_STATS_FIELDS: Final = (
     "lost_interrupts",    # a wait passed its deadline with work in used
     "stalled_waits",      # a wait passed its deadline with nothing used
 )
-_STATS = struct.Struct("<" + "Q" * len(DRIVER_STATS_FIELDS))
-#: Bytes of the counter block.
-DRIVER_STATS_SIZE: Final = _STATS.size
+#: Bytes of the counter block (8-byte aligned).
+DRIVER_STATS_SIZE: Final = 8 * len(DRIVER_STATS_FIELDS)
 
 
 def read_driver_stats(mem: GuestMemory, addr: int) -> dict[str, int]:
-    """The counters a guest driver last published at ``addr``."""
-    return dict(zip(DRIVER_STATS_FIELDS, _STATS.unpack_from(mem.buf, addr),
-                    strict=True))
+    """The counters a guest driver last published at ``addr`` (any
+    process; each counter is read with one aligned load)."""
+    base = addr >> 3
+    return {k: int(mem.u64[base + i])
+            for i, k in enumerate(DRIVER_STATS_FIELDS)}
 
 
 def alloc_vring(mem: GuestMemory, num: int) -> VringLayout:
@@ -323,7 +323,8 @@ class VringDriver:
             return
         counters = dict(counters, kicks=self.kicks,
                         kicks_suppressed=self.kicks_suppressed)
-        # One copy of the packed block: never the zeroes pack_into
-        # writes first (a reader may be looking).
-        self._buf[self.stats_addr:self.stats_addr + _STATS.size] = (
-            _STATS.pack(*(counters.get(k, 0) for k in DRIVER_STATS_FIELDS)))
+        # One aligned store per counter: the VMM may be reading.
+        u64 = self.mem.u64
+        base = self.stats_addr >> 3
+        for i, k in enumerate(DRIVER_STATS_FIELDS):
+            u64[base + i] = counters.get(k, 0)

@@ -61,7 +61,7 @@ class GuestMemory:
     mapping itself (an ``mmap``) and a memoryview over all of it.
     """
 
-    __slots__ = ("_bump", "buf", "fd", "mv", "size", "u16", "u32")
+    __slots__ = ("_bump", "buf", "fd", "mv", "size", "u16", "u32", "u64")
 
     def __init__(self, fd: int, size: int) -> None:
         #: The memfd (inheritable).
@@ -77,6 +77,8 @@ class GuestMemory:
         self.u16 = self.mv.cast("H")
         #: 32-bit items: ``u32[addr >> 2]`` likewise.
         self.u32 = self.mv.cast("I")
+        #: 64-bit items: ``u64[addr >> 3]`` likewise (live counters).
+        self.u64 = self.mv.cast("Q")
         self._bump = SharedU64(self.buf, _HDR_BUMP)
 
     @classmethod
@@ -173,6 +175,7 @@ class GuestMemory:
             return
         self.u16.release()
         self.u32.release()
+        self.u64.release()
         self.mv.release()
         try:
             self.buf.close()
