@@ -53,6 +53,8 @@ def run(args: list[str], *, timeout: float = TIMEOUT,
 def run_json(args: list[str]) -> dict[str, Any]:
     proc = run([*args, "--output-format=json"])
     assert proc.returncode == 0, proc.stderr
+    # Not a terminal: no progress line.
+    assert "Jobs:" not in proc.stderr
     doc: dict[str, Any] = json.loads(proc.stdout)
     return doc
 
@@ -305,3 +307,68 @@ def test_crashed_iothread_stops_the_run(images: list[Path],
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
     assert not sock.exists()
+
+
+def test_progress_line_only_on_a_terminal(images: list[Path]) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    args = ["-drive", f"if=none,id=d0,file={images[0]},format=raw,"
+                      "cache=none,aio=native",
+            "-object", "iothread,id=io0",
+            "-device", "virtio-blk-pci,drive=d0,iothread=io0",
+            "--time_based", "--runtime=3", "--output-format=json"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qiothread.cli", "run", *args],
+        stdout=subprocess.PIPE, stderr=slave, text=True, cwd=ROOT)
+    os.close(slave)
+    seen = b""
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:         # EIO: the other side closed
+                break
+            if not chunk:
+                break
+            seen += chunk
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        os.close(master)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0
+    assert re.search(rb"Jobs: 1 \(f=1\): \[r\(1\)\]\[\d+\.\d%\]", seen)
+    assert b"IOPS]" in seen and b"[eta 00m:0" in seen
+    # stdout is pure JSON: nothing of the progress line there.
+    assert json.loads(out)["jobs"][0]["read"]["total_ios"] > 0
+
+
+def test_default_run_prints_fio_summary(tmp_path: Path) -> None:
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"))
+    proc = run(["--runtime=1"], env=env)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert re.search(r"^job: \(groupid=0, jobs=1\): err= 0: pid=\d+", out,
+                     re.M)
+    assert re.search(r"^  read: IOPS=\d", out, re.M)
+    assert "clat percentiles (usec):" in out
+    assert "qiothread (QEMU 7.2 behaviour):" in out
+    assert "iothread0: thread_id=" in out
+    assert (tmp_path / "cache" / "qiothread").is_dir()
+
+
+def test_device_without_iothread_runs_in_the_main_loop(
+        images: list[Path], tmp_path: Path) -> None:
+    trace = tmp_path / "trace"
+    doc = run_json([
+        "-drive", f"if=none,id=d0,file={images[0]},format=raw,"
+                  "cache=none,aio=threads",
+        "-device", "virtio-blk-pci,drive=d0",
+        "-trace", f"enable=run_poll_handlers_*,file={trace}",
+        "--time_based", "--runtime=1"])
+    check_counts(doc)
+    (q,) = doc["qiothread"]["queues"]
+    assert q["iothread"] == "main-loop"
+    # QEMU's main loop context never busy-polls.
+    assert not trace.exists() or trace.read_text() == ""
