@@ -197,12 +197,37 @@ def _memory_size(config: MachineConfig, jobs: list[JobOptions]) -> int:
     return total
 
 
-def _cpu_of(pid: int) -> CpuUsage | None:
-    """CPU time of process ``pid`` so far, from ``/proc`` (ticks)."""
+def _cpu_of(tid: int) -> CpuUsage | None:
+    """CPU time of thread ``tid`` so far: the iothread's loop thread,
+    as ``pidstat -t`` shows an IOThread (pool workers are threads of
+    their own, in QEMU too).
+
+    Taskstats over netlink (pyroute2) first, microseconds; the thread's
+    ``/proc`` entry (clock ticks) where netlink is refused.
+    """
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        from pyroute2 import TaskStats
+
+        ts = TaskStats()
+        try:
+            ts.bind()
+            msg = ts.get_pid_stat(tid)[0]
+        finally:
+            ts.close()
+        st = msg.get_attr("TASKSTATS_TYPE_AGGR_PID").get_attr(
+            "TASKSTATS_TYPE_STATS")
+        return CpuUsage(user_s=st["ac_utime"] / 1e6,
+                        system_s=st["ac_stime"] / 1e6,
+                        ctx=st["nvcsw"] + st["nivcsw"],
+                        majf=st["ac_majflt"], minf=st["ac_minflt"])
+    except Exception:
+        log.debug("taskstats of %d failed; reading /proc", tid,
+                  exc_info=True)
+    try:
+        base = f"/proc/{tid}/task/{tid}"
+        with open(f"{base}/stat", encoding="ascii") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        with open(f"{base}/status", encoding="ascii") as f:
             status = dict(line.split(":", 1) for line in f
                           if ":" in line)
     except OSError:
@@ -593,6 +618,7 @@ class Machine:
         snap = t.poll_stats()
         hist = {(0 if k == 0 else 1 << (k - 1)): ns
                 for k, ns in snap["poll_ns_hist"].items()}
+        # The loop runs in the process's main thread: tid == pid.
         pid = t.child.pid if t.child is not None else 0
         return IOThreadStats(
             id=ident, thread_id=t.thread_id,
