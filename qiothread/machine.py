@@ -54,7 +54,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 from blockdev.options import BlockDriverState, open_blockdev
-from qiothread import trace, vmm_compat
+from qiothread import trace
 from qiothread.dataplane import VirtIOBlockDataPlane
 from qiothread.errors import ChildProcessError_, ConfigError, QiothreadError
 from qiothread.event_notifier import EventNotifier
@@ -272,7 +272,6 @@ class Machine:
 
     def build(self) -> None:
         """Steps 1-4 of the module text.  Call once, inside ``run``."""
-        vmm_compat.install()
         cfg = self.config
         trace.configure(cfg.trace.patterns, cfg.trace.file,
                         cfg.trace.timestamps)

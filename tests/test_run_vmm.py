@@ -1,17 +1,13 @@
-"""The VMM's shared pieces: counters across processes, block accounting,
-single-store ring fields, and the QMP view of a machine's counters."""
+"""The VMM's shared pieces: counters across processes and block
+accounting."""
 
 from __future__ import annotations
 
-import mmap
 import os
-import struct
-import time
 
 import pytest
 
 from qiothread.vmm_acct import AccountedNode
-from qiothread.vmm_compat import AtomicU16, install
 from qiothread.vmm_shared import ACCT_FIELDS, QUEUE_STAT_FIELDS, VmmShared
 
 _IX = {n: i for i, n in enumerate(ACCT_FIELDS)}
@@ -112,59 +108,6 @@ def test_block_accounting_counts_as_query_blockstats_reports() -> None:
     # Everything else is the node's own.
     assert node.length == 1 << 20
     assert inner.calls == ["r", "w", "r"]
-
-
-def test_atomic_u16_is_a_drop_in_for_struct() -> None:
-    buf = bytearray(16)
-    AtomicU16.pack_into(buf, 4, 0xBEEF)
-    assert struct.unpack_from("<H", buf, 4) == (0xBEEF,)
-    assert AtomicU16.unpack_from(buf, 4) == (0xBEEF,)
-    AtomicU16.pack_into(buf, 7, 0x1234)       # odd offsets still work
-    assert AtomicU16.unpack_from(buf, 7) == (0x1234,)
-    assert AtomicU16.size == 2
-
-
-def _race(pack: object, unpack: object, seconds: float) -> int:
-    """Writer child flips a field between two values; count the reads
-    in the parent that saw anything else."""
-    m = mmap.mmap(-1, 4096, mmap.MAP_SHARED)
-    values = (0x0F00, 0x10FF)          # every byte differs
-    pack(m, 10, values[0])  # type: ignore[operator]
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        end = time.monotonic() + seconds
-        while time.monotonic() < end:
-            for v in values:
-                pack(m, 10, v)  # type: ignore[operator]
-        os._exit(0)
-    bad = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        v = unpack(m, 10)[0]  # type: ignore[operator]
-        if v not in values:
-            bad += 1
-    os.waitpid(pid, 0)
-    m.close()
-    return bad
-
-
-def test_regression_torn_ring_index() -> None:
-    """Ring indexes written by one process and read by another are never
-    seen half-written (or zeroed: ``struct.pack_into`` memsets first),
-    which made the device fail with "Guest moved used index from N to
-    0" in runs with two queues."""
-    assert _race(AtomicU16.pack_into, AtomicU16.unpack_from, 0.5) == 0
-
-
-def test_install_leaves_no_struct_u16_in_virtio_ring_code() -> None:
-    import virtio.driver
-    import virtio.virtqueue
-
-    install()
-    install()   # idempotent
-    for module in (virtio.virtqueue, virtio.driver):
-        # Either virtio stores its own way now, or it has ours.
-        assert not isinstance(getattr(module, "U16", None), struct.Struct)
 
 
 @pytest.mark.parametrize("nqueues", [0, 1, 64])
