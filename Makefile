@@ -15,7 +15,7 @@ run: setup
 	$(VENV)/bin/qiothread run $(ARGS)
 
 lint: setup
-	$(VENV)/bin/ruff check qiothread virtio blockdev tests scripts
+	$(VENV)/bin/ruff check qiothread virtio blockdev tests scripts benchmarks
 
 typecheck: setup
 	$(VENV)/bin/mypy

@@ -50,7 +50,7 @@ This bends the "io_poll makes no syscall" rule on purpose, and only
 for the thread pool: getpid is the cheapest syscall there is (it never
 blocks or schedules) and nothing else releases the GIL that cheaply.
 
-Figures (``python -m tests.blockdev.gil_bench --buffered``: a real
+Figures (``python -m benchmarks.gil_bench --buffered``: a real
 AioContext with poll-max-ns=32768, aio=threads, 4 KiB random reads
 from the page cache so that the disk does not hide the effect, 2 busy
 cores shared with other test suites, so read them as rough)::
@@ -70,8 +70,7 @@ blocks.  Lowering the switch interval, the obvious fix, halves the
 throughput: every waiting thread then forces hand-overs, the iothread's
 own included.  A second run under heavier load (load average 6) kept
 the ranking at QD1: getpid 19653 IOPS, 84% polled; nothing 14923, 66%;
-getpid with a 50 µs interval (what ``qiothread.aio.
-tune_gil_for_polling`` sets) 7094 IOPS, 14% polled.
+getpid with a 50 µs interval 7094 IOPS, 14% polled.
 """
 
 from __future__ import annotations

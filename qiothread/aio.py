@@ -25,24 +25,22 @@ the :class:`~qiothread.notifier.AioNotifier` handle, which any thread of
 any process may call.
 
 The GIL.  While ``run_poll_handlers`` busy-polls it holds the GIL, as
-any Python loop does.  Other threads of the process (the aio=threads
-pool) still run because CPython forces a hand-over when a thread has
-waited for the GIL for ``sys.getswitchinterval()`` seconds; the loop
-itself releases it whenever it blocks in ppoll/epoll (a ctypes or
-``select`` call).  The default interval, 5 ms, would let one polling
-round delay a pool worker by that much, so a process that runs an
-iothread with a thread pool should call :func:`tune_gil_for_polling`
-once (IOThread processes do), which shortens the interval to
-:data:`POLL_SWITCH_INTERVAL_S`.  We chose that over dropping the GIL
-inside the polling loop: a release/re-acquire with no waiter is not a
-hand-over (the poller usually takes it straight back), and with a
-waiter the interpreter's forced switching already does the right thing
-at no cost on the polling path.
+any Python loop does; it releases it whenever it blocks in ppoll/epoll.
+Other threads of the process (the aio=threads pool) get it when the
+interpreter forces a hand-over, after ``sys.getswitchinterval()`` (5 ms)
+of waiting, which is far outside any poll window.  Shortening the
+interval looks like the fix and is not: measured with a polling
+iothread on aio=threads (``benchmarks/gil_bench.py --buffered``), a
+50 µs interval more than halved IOPS at QD1 and QD32, because every
+waiting thread then forces hand-overs, the poller's own included.  The
+thread pool solves it where it arises instead: while it has requests
+outstanding it registers an ``io_poll`` that makes one GIL-releasing
+foreign call per polling pass (see :mod:`blockdev.thread_pool`), and a
+loop without a pool pays nothing.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 from qiothread import trace_events as te
@@ -77,23 +75,9 @@ from qiothread.timers import QEMUTimer, TimerList
 
 __all__ = [
     "POLL_IDLE_INTERVAL_NS",
-    "POLL_SWITCH_INTERVAL_S",
     "AioContext",
     "AioHandler",
-    "tune_gil_for_polling",
 ]
-
-#: GIL switch interval for processes that poll (see the module text).
-POLL_SWITCH_INTERVAL_S = 50e-6
-
-def tune_gil_for_polling(interval_s: float = POLL_SWITCH_INTERVAL_S) -> None:
-    """Shorten the process's GIL switch interval for a polling loop.
-
-    Process-wide (``sys.setswitchinterval``); call it once at the start
-    of a process that runs an AioContext next to worker threads.
-    """
-    sys.setswitchinterval(interval_s)
-
 
 class AioContext:
     """QEMU's AioContext: fd handlers, BHs, timers and adaptive polling.

@@ -69,7 +69,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from blockdev.thread_pool import set_thread_pool_params
-from qiothread.aio import AioContext, tune_gil_for_polling
+from qiothread.aio import AioContext
 from qiothread.barrier import SharedU64, full_barrier
 from qiothread.errors import ConfigError, InternalError
 from qiothread.notifier import CONTROL_BLOCK_SIZE, AioNotifier, ControlBlock
@@ -421,7 +421,6 @@ class IOThread(EventLoopBase):
         """``iothread_run``, in the iothread process."""
         ctx = self.ctx
         assert ctx is not None and self._words is not None
-        tune_gil_for_polling()
         for fn in self._setup:
             fn(ctx)
         # Changes made between the fork and now are picked up here.
