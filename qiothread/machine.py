@@ -260,7 +260,6 @@ class Machine:
                                    "start_on_complete": False}})
         self.iothreads: dict[str, IOThread] = {}
         self.guests: list[Child] = []
-        self.stop_requested = False
         self._results_dir = ""
         self._go: EventNotifier | None = None
         #: Set by :meth:`request_quit` from any thread (QMP ``quit``).

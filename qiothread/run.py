@@ -397,6 +397,11 @@ def execute(plan: RunPlan) -> int:
             progress.finish()
         sys.stderr.write(f"qiothread: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        # Before the guests ran (or a second Ctrl-C): nothing measured;
+        # everything was released on the way out.
+        sys.stderr.write("qiothread: interrupted\n")
+        return 130
     if progress is not None:
         progress.finish()
     report = build_report(plan, outcome)

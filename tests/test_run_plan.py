@@ -177,3 +177,24 @@ def test_cli_help_version_and_unknown_command(
     assert "unknown command 'frob'" in capsys.readouterr().err
     assert cli_main(["run", "-object", "iothread,help"]) == 0
     assert "poll-max-ns" in capsys.readouterr().out
+
+
+def test_backend_errors_blame_the_option_that_made_the_node(
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        image: Path) -> None:
+    missing = tmp_path / "nope.raw"
+    arg = f"driver=file,node-name=f0,filename={missing},aio=threads"
+    rc = cli_main(["run", "-blockdev", arg, "-device",
+                   "virtio-blk-pci,drive=f0", "--runtime=1"])
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        f"qiothread: -blockdev {arg}: Could not open '{missing}': "
+        "No such file or directory\n")
+    # file-posix's own check, with QEMU's words (reference §12).
+    arg = f"if=none,id=d0,file={image},format=raw,aio=native"
+    rc = cli_main(["run", "-drive", arg, "-device",
+                   "virtio-blk-pci,drive=d0", "--runtime=1"])
+    assert rc == 1
+    assert capsys.readouterr().err == (
+        f"qiothread: -drive {arg}: aio=native was specified, but it "
+        "requires cache.direct=on, which was not specified.\n")
