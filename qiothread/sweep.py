@@ -381,9 +381,14 @@ def _save(out_dir: Path, state: dict[str, Any]) -> None:
 def run_sweep(params: Sequence[tuple[str, list[str]]], repeat: int,
               out_dir: Path, run_args: Sequence[str],
               runner: Runner = subprocess_runner,
-              log: Callable[[str], object] = sys.stderr.write
+              log: Callable[[str], object] | None = None
               ) -> dict[str, Any]:
-    """Run the grid; returns (and saves) the sweep record."""
+    """Run the grid; returns (and saves) the sweep record.
+
+    ``log`` gets the progress lines (default: stderr).
+    """
+    if log is None:
+        log = sys.stderr.write
     if repeat < 1:
         raise SweepError("--repeat must be at least 1")
     points = grid(params)
@@ -447,9 +452,12 @@ def load_results(out_dir: Path) -> tuple[list[SweepPoint],
 
 
 def write_report(out_dir: Path,
-                 write: Callable[[str], object] = sys.stdout.write
+                 write: Callable[[str], object] | None = None
                  ) -> list[dict[str, Any]]:
-    """Table on ``write``; sweep.csv, summary.json and PNGs in DIR."""
+    """Table on ``write`` (default: stdout); sweep.csv, summary.json
+    and PNGs in DIR."""
+    if write is None:
+        write = sys.stdout.write
     from qiothread.plots import plot_sweep
 
     points, names, runs = load_results(out_dir)
