@@ -31,13 +31,33 @@ class Disk:
     guests: list[GuestBlkDriver] = field(default_factory=list)
     raw: dict[int, VringDriver] = field(default_factory=dict)
 
-    def run(self, cond: Callable[[], bool], timeout_s: float = 20.0) -> None:
-        """aio_poll (non-blocking) until ``cond()``; fail after timeout."""
+    def run(self, cond: Callable[[], bool], timeout_s: float = 20.0,
+            blocking: bool = False) -> None:
+        """aio_poll until ``cond()``; fail after ``timeout_s``.
+
+        Non-blocking iterations run BHs and polled handlers only: a 7.2
+        context with every handler pollable skips the fd wait when the
+        timeout is 0.  ``blocking`` waits on the fds too, woken at least
+        every 50 ms by a timer.
+        """
         deadline = time.monotonic() + timeout_s
-        while not cond():
-            self.ctx.aio_poll(False)
-            if time.monotonic() > deadline:
-                raise AssertionError("condition not reached")
+        ctx = self.ctx
+
+        # Re-armed from its own callback only: arming notifies the
+        # context, and a notified context skips one fd wait.
+        def rearm() -> None:
+            tick.mod_ns(ctx.clock.now_ns() + 50_000_000)
+
+        tick = ctx.timer_new_ns(rearm)
+        if blocking:
+            rearm()
+        try:
+            while not cond():
+                ctx.aio_poll(blocking)
+                if time.monotonic() > deadline:
+                    raise AssertionError("condition not reached")
+        finally:
+            tick.del_()
 
     def settle(self) -> None:
         """Run the loop until nothing is pending."""
