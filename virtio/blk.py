@@ -31,12 +31,10 @@ from __future__ import annotations
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
-from typing import Protocol
+from dataclasses import fields
 
 from qiothread import trace_events as trace
 from qiothread.errors import ConfigError, VirtioError
-from qiothread.event_notifier import EventNotifier
 from virtio.blk_defs import (
     BDRV_REQUEST_MAX_SECTORS,
     DWZ_SEGMENT,
@@ -46,14 +44,17 @@ from virtio.blk_defs import (
     VIRTIO_BLK_ID_BYTES,
     VIRTIO_BLK_MAX_MERGE_REQS,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    BlockBackend,
+    QueueSetup,
     VirtIOBlkConf,
     VirtioBlkFeature,
     VirtioBlkStatus,
     VirtioBlkType,
+    VirtQueueStats,
 )
 from virtio.driver import read_driver_stats
 from virtio.memory import GuestMemory
-from virtio.ring import VirtioFeature, VringLayout, feature_bit
+from virtio.ring import VirtioFeature, feature_bit
 from virtio.virtqueue import VirtIODevice, VirtQueue, VirtQueueElement
 
 __all__ = [
@@ -72,64 +73,6 @@ _IOERR = int(VirtioBlkStatus.IOERR)
 _UNSUPP = int(VirtioBlkStatus.UNSUPP)
 #: One stage-stamp entry: t_pickup, t_done (docs/interfaces.md).
 _STAMP = struct.Struct("<QQ")
-
-
-class BlockBackend(Protocol):
-    """What the device needs of a ``BlockDriverState`` (interfaces.md)."""
-
-    length: int
-    logical_block_size: int
-    request_alignment: int
-    read_only: bool
-
-    def preadv(self, offset: int, iov: list[memoryview],
-               cb: Callable[[int], None]) -> None: ...
-    def pwritev(self, offset: int, iov: list[memoryview],
-                cb: Callable[[int], None]) -> None: ...
-    def flush(self, cb: Callable[[int], None]) -> None: ...
-    def pdiscard(self, offset: int, nbytes: int,
-                 cb: Callable[[int], None]) -> None: ...
-    def pwrite_zeroes(self, offset: int, nbytes: int, may_unmap: bool,
-                      cb: Callable[[int], None]) -> None: ...
-    def io_plug(self) -> None: ...
-    def io_unplug(self) -> None: ...
-
-
-@dataclass
-class QueueSetup:
-    """One queue as the VMM set it up: rings and both eventfds."""
-
-    layout: VringLayout
-    #: Guest -> device (the ioeventfd).
-    host_notifier: EventNotifier
-    #: Device -> guest (the irqfd).
-    guest_notifier: EventNotifier
-    #: Address of the guest driver's counter block, 0 for none.
-    driver_stats: int = 0
-    #: Address of the stage stamp table (``queue_size`` x 16 bytes:
-    #: t_pickup, t_done as u64 per head), 0 for none.
-    stamp_table: int = 0
-
-
-@dataclass
-class VirtQueueStats:
-    """Per-queue counters of the device (iothread only)."""
-
-    #: Requests popped (well-formed or not).
-    requests: int = 0
-    #: Requests folded into another (num_reqs - 1 per merged submit).
-    merges: int = 0
-    #: Backend requests issued for reads and writes.
-    rw_submits: int = 0
-    #: Host-notifier reads that found a kick.
-    kicks: int = 0
-    #: Guest-notifier writes.
-    interrupts: int = 0
-    #: Completions (or BH runs) where the guest asked for no interrupt.
-    interrupts_suppressed: int = 0
-    #: Requests completed with IOERR / UNSUPP.
-    ioerr: int = 0
-    unsupp: int = 0
 
 
 class VirtIOBlockReq:

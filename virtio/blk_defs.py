@@ -1,4 +1,4 @@
-"""virtio-blk's wire format, feature bits and device properties.
+"""virtio-blk's wire format, feature bits, properties and set-up types.
 
 The request format both sides rely on (virtio 1.x §5.2.6, reference
 §15.2):
@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import enum
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Final
+from typing import ClassVar, Final, Protocol
 
 from qiothread.errors import ConfigError
-from virtio.ring import VIRTQUEUE_MAX_SIZE
+from qiothread.event_notifier import EventNotifier
+from virtio.ring import VIRTQUEUE_MAX_SIZE, VringLayout
 
 __all__ = [
     "BDRV_REQUEST_MAX_SECTORS",
@@ -36,7 +37,10 @@ __all__ = [
     "VIRTIO_BLK_ID_BYTES",
     "VIRTIO_BLK_MAX_MERGE_REQS",
     "VIRTIO_QUEUE_MAX",
+    "BlockBackend",
+    "QueueSetup",
     "VirtIOBlkConf",
+    "VirtQueueStats",
     "VirtioBlkFeature",
     "VirtioBlkStatus",
     "VirtioBlkType",
@@ -255,3 +259,61 @@ class VirtIOBlkConf:
     def seg_max(self) -> int:
         """Config ``seg_max``: queue-size - 2, or 126 without adjust."""
         return self.queue_size - 2 if self.seg_max_adjust else 128 - 2
+
+
+class BlockBackend(Protocol):
+    """What the device needs of a ``BlockDriverState`` (interfaces.md)."""
+
+    length: int
+    logical_block_size: int
+    request_alignment: int
+    read_only: bool
+
+    def preadv(self, offset: int, iov: list[memoryview],
+               cb: Callable[[int], None]) -> None: ...
+    def pwritev(self, offset: int, iov: list[memoryview],
+                cb: Callable[[int], None]) -> None: ...
+    def flush(self, cb: Callable[[int], None]) -> None: ...
+    def pdiscard(self, offset: int, nbytes: int,
+                 cb: Callable[[int], None]) -> None: ...
+    def pwrite_zeroes(self, offset: int, nbytes: int, may_unmap: bool,
+                      cb: Callable[[int], None]) -> None: ...
+    def io_plug(self) -> None: ...
+    def io_unplug(self) -> None: ...
+
+
+@dataclass
+class QueueSetup:
+    """One queue as the VMM set it up: rings and both eventfds."""
+
+    layout: VringLayout
+    #: Guest -> device (the ioeventfd).
+    host_notifier: EventNotifier
+    #: Device -> guest (the irqfd).
+    guest_notifier: EventNotifier
+    #: Address of the guest driver's counter block, 0 for none.
+    driver_stats: int = 0
+    #: Address of the stage stamp table (``queue_size`` x 16 bytes:
+    #: t_pickup, t_done as u64 per head), 0 for none.
+    stamp_table: int = 0
+
+
+@dataclass
+class VirtQueueStats:
+    """Per-queue counters of the device (iothread only)."""
+
+    #: Requests popped (well-formed or not).
+    requests: int = 0
+    #: Requests folded into another (num_reqs - 1 per merged submit).
+    merges: int = 0
+    #: Backend requests issued for reads and writes.
+    rw_submits: int = 0
+    #: Host-notifier reads that found a kick.
+    kicks: int = 0
+    #: Guest-notifier writes.
+    interrupts: int = 0
+    #: Completions (or BH runs) where the guest asked for no interrupt.
+    interrupts_suppressed: int = 0
+    #: Requests completed with IOERR / UNSUPP.
+    ioerr: int = 0
+    unsupp: int = 0
