@@ -163,6 +163,8 @@ class Child:
         self.last_words: str | None = None
         #: As ``subprocess``: exit status, or minus the killing signal.
         self.returncode: int | None = None
+        # The ready line, once read (kept even if read by _reap).
+        self._ready: dict[str, Any] | None = None
 
     def fileno(self) -> int:
         """The pidfd: readable once the child has exited."""
@@ -197,6 +199,8 @@ class Child:
         for m in msgs:
             if "error" in m:
                 self.last_words = str(m["error"])
+            if "ready" in m and self._ready is None:
+                self._ready = dict(m["ready"])
         return msgs
 
     def poll(self) -> int | None:
@@ -393,12 +397,16 @@ class Supervisor:
     def _wait_ready(self, child: Child, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            for msg in child._read_pipe():
-                if "ready" in msg:
-                    child.info = dict(msg["ready"])
-                    child.state = ChildState.RUNNING
-                    return
-            if child._eof or not child.alive:
+            # Look for death before reading: a child that sent its
+            # ready line and exited at once has then left all of it in
+            # the pipe, and the read below finds it.
+            gone = child._eof or not child.alive
+            child._read_pipe()
+            if child._ready is not None:
+                child.info = child._ready
+                child.state = ChildState.RUNNING
+                return
+            if gone:
                 # Gone (or going) without a ready line: report it.
                 if not child._wait(1.0):
                     child.send_signal(signal.SIGKILL)

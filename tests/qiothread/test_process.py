@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -355,3 +356,37 @@ def test_child_started_from_a_short_lived_thread_outlives_it() -> None:
         time.sleep(0.2)
         sup.check()                 # still running
         assert sup.children[0].alive
+
+
+def _ready_then_exit(ch: ReadyChannel) -> None:
+    ch.ready(done=1)
+
+
+def test_regression_ready_line_of_a_child_that_exited_at_once(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child may send its ready line and exit before the parent looks.
+
+    The parent's first read of the pipe is made to come before the
+    child's write (as a busy machine schedules it): the parent then
+    finds the child dead, and must still read what it left in the pipe
+    instead of reporting "exited with status 0 before it was ready".
+    """
+    from qiothread.process import Child
+
+    real = Child._read_pipe
+    calls = []
+
+    def read_before_the_child_wrote(self: Child) -> list[dict[str, object]]:
+        calls.append(1)
+        if len(calls) == 1:
+            # Nothing read yet; meanwhile the child writes and exits.
+            select.select([self.pidfd], [], [], 30)
+            return []
+        return real(self)
+
+    monkeypatch.setattr(Child, "_read_pipe", read_before_the_child_wrote)
+    with Supervisor() as sup:
+        c = sup.start("guest 'g7'", _ready_then_exit, may_exit=True)
+        assert c.info == {"done": 1}
+        assert c.state is ChildState.RUNNING
+        sup.check()                 # status 0 and may_exit: fine
