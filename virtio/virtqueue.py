@@ -291,7 +291,9 @@ class VirtQueue:
         num = self.num
         last = self.last_avail_idx
         # virtqueue_num_heads' sanity check: a guest cannot publish
-        # more entries than it has descriptors.
+        # more entries than it has descriptors.  QEMU 7.2 runs it in
+        # virtqueue_get_avail_bytes, not in pop (which would go on to
+        # pop stale slots); we run it here, as reference §13.4 lists it.
         if (self.shadow_avail_idx - last) & 0xFFFF > num:
             raise self._error(
                 f"Guest moved used index from {last} to "
