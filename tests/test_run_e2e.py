@@ -400,3 +400,38 @@ def test_iolog_replay_and_latency_log(images: list[Path],
     assert all(r[1] > 0 for r in rows)
     assert (tmp_path / "lat_slat.1.log").exists()
     assert (tmp_path / "lat_lat.1.log").exists()
+
+
+def test_qmp_wait_on_holds_the_guests_until_a_client_connects(
+        images: list[Path], tmp_path: Path) -> None:
+    import socket
+
+    sock = tmp_path / "wait.sock"
+    proc = _start([
+        "-drive", f"if=none,id=d0,file={images[0]},format=raw,"
+                  "cache=none,aio=native",
+        "-object", "iothread,id=io0",
+        "-device", "virtio-blk-pci,drive=d0,iothread=io0",
+        "-qmp", f"unix:{sock},server=on,wait=on",
+        "--time_based", "--runtime=1", "--output-format=json"])
+    try:
+        end = time.monotonic() + 60
+        while not sock.exists() and time.monotonic() < end:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        time.sleep(1.0)
+        # QEMU waits for the monitor before it creates the iothreads
+        # and runs the machine: no child yet.
+        assert _children_of(proc.pid) == {}
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock))
+            greeting = json.loads(s.makefile().readline())
+            assert "QMP" in greeting
+            out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "waiting for a QMP client" in err
+    assert total_ios(json.loads(out)) > 0
