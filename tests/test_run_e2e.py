@@ -435,3 +435,31 @@ def test_qmp_wait_on_holds_the_guests_until_a_client_connects(
     assert proc.returncode == 0, err
     assert "waiting for a QMP client" in err
     assert total_ios(json.loads(out)) > 0
+
+
+def test_crashed_guest_stops_the_run_and_the_rest_is_reported(
+        images: list[Path]) -> None:
+    proc = _start([
+        "-object", "iothread,id=io0",
+        "-drive", f"if=none,id=d0,file={images[1]},format=raw,"
+                  "cache=none,aio=threads",
+        "-device", "virtio-blk-pci,drive=d0,iothread=io0",
+        "--numjobs=2", "--time_based", "--runtime=60",
+        "--output-format=json"])
+    try:
+        kids = _wait_for_children(proc, "guest1")
+        victim = next(p for p, c in kids.items() if c == "guest1")
+        time.sleep(0.5)
+        os.kill(victim, signal.SIGKILL)
+        out, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1
+    assert "job 1" in err and "SIGKILL" in err, err
+    # The surviving guest was asked to stop and still reported.
+    doc = json.loads(out)
+    assert len(doc["jobs"]) == 1 and total_ios(doc) > 0
+    for pid in kids:
+        assert not Path(f"/proc/{pid}").exists()
