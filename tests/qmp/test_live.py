@@ -12,9 +12,11 @@ its fio JSON result.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 TIMEOUT = 120.0
 _TRACE = re.compile(
@@ -45,8 +48,11 @@ def image(tmp_path: Path) -> Path:
     return path
 
 
-def _start_run(tmp_path: Path, image: Path) -> subprocess.Popen[str]:
+def _start_run(tmp_path: Path, image: Path,
+               monitor: list[str] | None = None) -> subprocess.Popen[str]:
     sock = tmp_path / "qmp.sock"
+    if monitor is None:
+        monitor = ["-qmp", f"unix:{sock},server=on,wait=off"]
     cmd = [
         sys.executable, "-m", "qiothread.cli", "run",
         "-object", "iothread,id=io0,poll-max-ns=0",
@@ -54,7 +60,7 @@ def _start_run(tmp_path: Path, image: Path) -> subprocess.Popen[str]:
                      "aio=threads,cache.direct=off",
         "-blockdev", "driver=raw,node-name=disk0,file=f0",
         "-device", "virtio-blk-pci,drive=disk0,iothread=io0",
-        "-qmp", f"unix:{sock},server=on,wait=off",
+        *monitor,
         "-trace", f"enable=run_poll_handlers_begin,file={tmp_path}/trace",
         "-msg", "timestamp=on",
         "--name=live", "--rw=randread", "--bs=4k", "--iodepth=1",
@@ -189,6 +195,53 @@ async def _session(sock: Path, proc: subprocess.Popen[str],
         await qmp.execute("quit")
         ev = await listener.get()
         events.append(dict(ev))
-    await qmp.disconnect()
+    # The run closes the socket once it has stopped, as QEMU does when
+    # it exits after quit: the library may then report that EOF.
+    with contextlib.suppress(EOFError):
+        await qmp.disconnect()
     assert events[0]["event"] == "SHUTDOWN"
     assert events[0]["data"] == {"guest": False, "reason": "host-qmp-quit"}
+
+
+def test_chardev_monitor_and_legacy_client(tmp_path: Path,
+                                           image: Path) -> None:
+    """``-chardev socket`` + ``-mon mode=control``, driven by the
+    synchronous client as iotests and avocado drive QEMU."""
+    sock = tmp_path / "mon.sock"
+    proc = _start_run(tmp_path, image, [
+        "-chardev", f"socket,id=mon0,path={sock},server=on,wait=off",
+        "-mon", "chardev=mon0,mode=control"])
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not sock.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no QMP socket"
+            time.sleep(0.05)
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        mon = QEMUMonitorProtocol(str(sock))
+        try:
+            mon.connect(negotiate=True)
+            mon.settimeout(TIMEOUT)
+            assert mon.cmd("query-status")["status"] == "running"
+            mon.cmd("qom-set", path="io0", property="poll-max-ns",
+                    value=32768)
+            assert mon.cmd("qom-get", path="io0",
+                           property="poll-max-ns") == 32768
+            assert mon.cmd("quit") == {}
+            ev = mon.pull_event(wait=TIMEOUT)
+            assert ev is not None and ev["event"] == "SHUTDOWN"
+        finally:
+            # After quit the run closes the socket, as QEMU does when it
+            # exits; the library then reports EOF on close, and QEMU's
+            # own test harness (qemu.machine) ignores it after a quit.
+            with contextlib.suppress(EOFError):
+                mon.close()
+            mon._aloop.close()        # the shim never closes its loop
+            asyncio.set_event_loop(None)
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert json.loads((tmp_path / "result.json").read_text())["jobs"]
