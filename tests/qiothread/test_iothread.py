@@ -178,17 +178,16 @@ def test_live_poll_max_ns_change_reaches_the_loop(
     # Not through an fd handler: polling is still possible.
     assert (state["poll_disable_cnt"], state["fd_handlers"]) == (0, 1)
 
-    # The notify of set_poll_params makes the next iteration short, so
-    # poll_ns grows from 0 and the loop polls once before it blocks.
-    # On a loaded machine that iteration may be preempted for longer
-    # than poll-max-ns (a shrink instead); bursts of aio_notify give
-    # it more short iterations, as any activity would.
+    # The iteration the change wakes blocked long (a shrink, 0 -> 0).
+    # A short one (poll_ns grows from 0) and then polling need activity
+    # while the loop runs: a notify after its notify_accept.  A burst
+    # may well end before a loaded machine even schedules the loop,
+    # so keep notifying, without pause, until the loop has polled.
     notifier = _notifier(io)
     deadline = time.monotonic() + 30
     while io.poll_stats()["poll_rounds"] == 0:
         assert time.monotonic() < deadline, io.poll_stats()
-        time.sleep(0.05)
-        for _ in range(50):
+        for _ in range(1000):
             notifier()
     stats = io.poll_stats()
     assert stats["grow"] >= 1
