@@ -62,6 +62,7 @@ __all__ = [
     "evaluate",
     "load_budget_file",
     "parse_budget",
+    "run_with_budgets",
     "split_expect_args",
 ]
 
@@ -371,3 +372,31 @@ def split_expect_args(args: Sequence[str]
         else:
             rest.append(word)
     return budgets, rest
+
+
+def run_with_budgets(argv: Sequence[str]) -> int:
+    """``qiothread run ... --expect B ...``: run, report, then check.
+
+    The run's output is unchanged; the budgets are evaluated on its fio
+    JSON.  Returns the run's status if it failed (budgets unchecked),
+    else 0 or :data:`EXIT_BUDGET`.
+    """
+    import sys
+
+    try:
+        budgets, rest = split_expect_args(argv)
+    except BudgetError as e:
+        sys.stderr.write(f"qiothread: {e}\n")
+        return 1
+    from qiothread.run import main as run_main
+
+    docs: list[dict[str, Any]] = []
+    status = run_main(rest, on_json=docs.append)
+    if status != 0 or not docs:
+        sys.stderr.write("qiothread: budgets not checked: the run "
+                         "failed\n")
+        return status or 1
+    status = check_budgets(docs[0], budgets, sys.stderr.write)
+    if status == 0:
+        sys.stderr.write(f"qiothread: all {len(budgets)} budgets hold\n")
+    return status

@@ -12,6 +12,7 @@ words.
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Sequence
 
@@ -57,7 +58,22 @@ With no QEMU device options, the run uses one iothread with QEMU's
 defaults and one virtio-blk device with one queue per job on the
 default image (aio=native, cache.direct=on); with no fio options,
 4k random reads at queue depth 1 for 5 seconds.
+
+CI budgets (exit status 3 and a line per failed budget):
+  --expect 'read.clat_ns.p99<500us'  --expect 'iops>5k'  --expect-file=F
+
+Poll-tuning experiments:
+  qiothread sweep --param NAME=V1,V2,... [--param ...] [--repeat N]
+                  --output-dir DIR [run options]
+  qiothread report DIR
+  qiothread replay TRACE|IOLOG [--policy 7.2,8.0,...] [--help]
 """
+
+
+#: Poll-tuning commands: name -> (module, entry point).
+_EXPERIMENTS = {"sweep": ("qiothread.sweep", "main"),
+                "report": ("qiothread.sweep", "report_main"),
+                "replay": ("qiothread.replay", "main")}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,8 +87,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "run":
+        if any(a.startswith("--expect") for a in rest):
+            from qiothread.budget import run_with_budgets
+            return run_with_budgets(rest)
         from qiothread.run import main as run_main
         return run_main(rest)
+    if command in _EXPERIMENTS:             # issue 7: qiothread.sweep ...
+        module, func = _EXPERIMENTS[command]
+        return int(getattr(importlib.import_module(module), func)(rest))
     sys.stderr.write(f"qiothread: unknown command '{command}'\n"
                      "Try 'qiothread --help'.\n")
     return 2

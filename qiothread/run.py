@@ -43,7 +43,7 @@ import errno
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -382,11 +382,15 @@ def _add_guest_counters(doc: dict[str, Any], outcome: MachineOutcome
             entry["guest"] = dict(counters)
 
 
-def execute(plan: RunPlan) -> int:
+def execute(plan: RunPlan,
+            on_json: Callable[[dict[str, Any]], None] | None = None
+            ) -> int:
     """Run ``plan`` and report it; returns the exit status.
 
     1 when a child failed or a device broke (after reporting what was
     measured), 0 otherwise -- also after Ctrl-C, as fio exits.
+    ``on_json`` gets the JSON document (as ``--output-format=json``
+    writes it) after the outputs were written: CI budgets check it.
     """
     machine = Machine(plan.config, plan.jobs)
     progress = Progress.wanted(plan, sys.stderr)
@@ -411,6 +415,11 @@ def execute(plan: RunPlan) -> int:
             out = stack.enter_context(
                 open(plan.output, "w", encoding="utf-8"))
         write_outputs(plan, report, out, outcome)
+    if on_json is not None:
+        from qiothread.report.fio_json import build_fio_json
+        doc = build_fio_json(report)
+        _add_guest_counters(doc, outcome)
+        on_json(doc)
     status = 0
     for err in outcome.errors:
         sys.stderr.write(f"qiothread: {err}\n")
@@ -424,7 +433,8 @@ def execute(plan: RunPlan) -> int:
     return status
 
 
-def main(argv: Sequence[str]) -> int:
+def main(argv: Sequence[str],
+         on_json: Callable[[dict[str, Any]], None] | None = None) -> int:
     """``qiothread run``; returns the exit status."""
     try:
         plan = plan_run(argv)
@@ -438,4 +448,4 @@ def main(argv: Sequence[str]) -> int:
         sys.stderr.write(w if w.startswith("qiothread:") else
                          f"qiothread: {w}")
         sys.stderr.write("\n")
-    return execute(plan)
+    return execute(plan, on_json)

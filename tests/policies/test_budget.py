@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +169,62 @@ def test_budgets_read_the_real_fio_json(fio_doc: dict[str, Any]) -> None:
     assert [r.ok for r in res] == [False] * len(failing)
     assert res[0].message().startswith(
         f"budget 'read.clat_ns.p99<{p99}' FAILED: measured ")
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _qiothread(*args: str, timeout: float = 180
+               ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "qiothread.cli", *args], cwd=ROOT,
+        capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def test_run_with_budgets_exits_3_and_names_the_failure(
+        tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    p = _qiothread("run", "--runtime=300ms", "--expect",
+                   "read.clat_ns.p99<1ns", "--expect=iops>1",
+                   "--output-format=json", f"--output={out}")
+    assert p.returncode == EXIT_BUDGET, p.stderr
+    assert "qiothread: budget 'read.clat_ns.p99<1ns' FAILED: measured " \
+        in p.stderr
+    assert "qiothread: 1 of 2 budget checks failed" in p.stderr
+    # The run's own output is unchanged by the budgets.
+    doc = json.loads(out.read_text())
+    assert doc["jobs"][0]["read"]["iops"] > 1
+    p = _qiothread("run", "--runtime=300ms", "--expect", "iops>1",
+                   "--expect", "read.clat_ns.p99<60s")
+    assert p.returncode == 0, p.stderr
+    assert "qiothread: all 2 budgets hold" in p.stderr
+    assert "read: IOPS=" in p.stdout            # fio's normal output
+
+
+def test_a_bad_budget_stops_the_run_before_it_starts() -> None:
+    p = _qiothread("run", "--expect", "iops>5us")
+    assert p.returncode == 1
+    assert p.stderr == ("qiothread: invalid budget 'iops>5us': 'us' is a "
+                        "time unit but iops is not a time\n")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("losetup") is None,
+                    reason="needs root and losetup")
+def test_ci_example_attaches_runs_and_detaches(tmp_path: Path) -> None:
+    image = tmp_path / "ci.raw"
+    budgets = tmp_path / "budgets"
+    budgets.write_text("iops > 1   # passes\n"
+                       "read.clat_ns.p50 < 1ns  # cannot pass\n")
+    env = {**os.environ, "IMAGE": str(image), "SIZE": "16M",
+           "RUNTIME": "500ms", "OUT": str(tmp_path / "ci.json"),
+           "PYTHON": sys.executable}
+    p = subprocess.run([str(ROOT / "scripts" / "ci-budget-example"),
+                        str(budgets)], env=env, capture_output=True,
+                       text=True, timeout=180, check=False)
+    assert p.returncode == EXIT_BUDGET, p.stderr
+    assert "budget 'read.clat_ns.p50 < 1ns' FAILED: measured" in p.stderr
+    assert "attached" in p.stderr and "detached /dev/loop" in p.stderr
+    assert json.loads((tmp_path / "ci.json").read_text())["jobs"]
+    left = subprocess.run(["losetup", "-j", str(image)],
+                          capture_output=True, text=True, check=True)
+    assert left.stdout == ""

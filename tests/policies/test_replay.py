@@ -277,3 +277,14 @@ def test_cli_replays_an_iolog(tmp_path: Path,
     # polling; 10.0 finds all but the first.
     assert (r72[0], r72[3]) == ("7.2", "0.0")
     assert r100[0] == "10.0" and float(r100[3]) > 49.0
+
+
+def test_the_qiothread_command_dispatches_replay(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from qiothread.cli import main as cli_main
+
+    f = tmp_path / "t.log"
+    f.write_text(TRACE)
+    assert cli_main(["replay", str(f), "--policy", "10.0"]) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[0] == "10.0"
+    assert cli_main(["report", str(tmp_path)]) == 1
