@@ -257,14 +257,19 @@ class VirtIOBlock(VirtIODevice):
             self._notify_irqfd(index)
 
     def _notify_irqfd(self, index: int) -> None:
-        if self.vqs[index].notify_irqfd():
+        self._count_notify(index, self.vqs[index].notify_irqfd())
+
+    def _count_notify(self, index: int, sent: bool) -> None:
+        if sent:
             self.stats[index].interrupts += 1
         else:
             self.stats[index].interrupts_suppressed += 1
 
     def _notify(self, vq: VirtQueue) -> None:
         """``virtio_blk_data_plane_notify`` / ``virtio_notify``."""
-        if self.batch_notifications and self._notify_bh_schedule:
+        if not self.dataplane_started:
+            self._count_notify(vq.queue_index, vq.notify())
+        elif self.batch_notifications and self._notify_bh_schedule:
             self._notify_pending.add(vq.queue_index)
             self._notify_bh_schedule()
         else:
@@ -461,44 +466,50 @@ class VirtIOBlock(VirtIODevice):
     def _submit_multireq(self, mrb: MultiReqBuffer) -> None:
         """``virtio_blk_submit_multireq``: sort, cut into runs, submit."""
         reqs = mrb.reqs
-        mrb.reqs = []
         if len(reqs) == 1:
-            self._submit_requests(reqs, mrb.is_write)
+            self._submit_requests(mrb, 0, 1)
+            mrb.reqs = []
             return
+        # Stable, by sector (QEMU's qsort with a three-way compare).
         reqs.sort(key=lambda r: r.sector_num)
         max_transfer = self.max_transfer
-        run: list[VirtIOBlockReq] = []
+        start = num = 0
         sector_num = nb_sectors = niov = 0
-        for req in reqs:
-            if run and (sector_num + nb_sectors != req.sector_num
+        for i, req in enumerate(reqs):
+            if num and (sector_num + nb_sectors != req.sector_num
                         or niov > IOV_MAX - len(req.qiov)
                         or req.qiov_size > max_transfer
                         or nb_sectors > (max_transfer - req.qiov_size)
                         // 512):
-                self._submit_requests(run, mrb.is_write)
-                run = []
-            if not run:
+                self._submit_requests(mrb, start, num)
+                num = 0
+            if not num:
                 sector_num = req.sector_num
                 nb_sectors = niov = 0
+                start = i
             nb_sectors += req.qiov_size // 512
             niov += len(req.qiov)
-            run.append(req)
-        self._submit_requests(run, mrb.is_write)
+            num += 1
+        self._submit_requests(mrb, start, num)
+        mrb.reqs = []
 
-    def _submit_requests(self, run: list[VirtIOBlockReq],
-                         is_write: bool) -> None:
-        """``submit_requests``: one backend request for a run."""
+    def _submit_requests(self, mrb: MultiReqBuffer, start: int,
+                         num: int) -> None:
+        """``submit_requests``: one backend request for
+        ``mrb.reqs[start:start + num]``."""
+        run = mrb.reqs[start:start + num]
+        is_write = mrb.is_write
         first = run[0]
         stats = self.stats[first.vq.queue_index]
         stats.rw_submits += 1
         offset = first.sector_num << 9
-        if len(run) > 1:
+        if num > 1:
             qiov = [v for r in run for v in r.qiov]
             if trace.virtio_blk_submit_multireq.enabled:
                 trace.virtio_blk_submit_multireq(
-                    self, run, 0, len(run), offset,
+                    self, mrb, start, num, offset,
                     sum(r.qiov_size for r in run), is_write)
-            stats.merges += len(run) - 1
+            stats.merges += num - 1
         else:
             qiov = first.qiov
 

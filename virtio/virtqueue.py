@@ -480,6 +480,18 @@ class VirtQueue:
             self.guest_notifier.set()
         return True
 
+    def notify(self) -> bool:
+        """``virtio_notify``: the same decision outside dataplane (the
+        emulation path), traced as QEMU traces it there."""
+        if not self.should_notify():
+            return False
+        if trace.virtio_notify.enabled:
+            trace.virtio_notify(self.vdev, self)
+        self.vdev.isr |= 1
+        if self.guest_notifier is not None:
+            self.guest_notifier.set()
+        return True
+
     # -- host notifier hooks (reference §14) ----------------------------
 
     def notify_vq(self) -> None:
