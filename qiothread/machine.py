@@ -542,6 +542,12 @@ class Machine:
                         errors.append(str(dead.error()))
                         shared.request_stop()
                 elif dead is not None:
+                    # An iothread died: its queues will never complete
+                    # again, so guests waiting on them cannot finish;
+                    # stop them at once and report the iothread.
+                    shared.request_stop()
+                    for g in self.guests:
+                        self.sup.stop(g, timeout=1.0)
                     raise dead.error()
                 if self.monitor is not None:
                     self.monitor.check_broken()

@@ -339,7 +339,7 @@ def test_progress_line_only_on_a_terminal(images: list[Path]) -> None:
         os.close(master)
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0
+    assert proc.returncode == 0, seen
     assert re.search(rb"Jobs: 1 \(f=1\): \[r\(1\)\]\[\d+\.\d%\]", seen)
     assert b"IOPS]" in seen and b"[eta 00m:0" in seen
     # stdout is pure JSON: nothing of the progress line there.
