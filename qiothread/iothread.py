@@ -51,6 +51,7 @@ Shared parameter block (int64 words at offset 0 of the mapping)::
     4  poll-shrink     9  applied seq (child)
     14..19  the values the loop runs with, in the order of words 2-7,
             read back from its context after applying (child)
+    20  poll-weight (qiothread's weighted policy)   21  its mirror (child)
 
 then the context's control block at byte 256 and its statistics at 512.
 Words 0-8 are written by the main process only, 9-13 by the iothread
@@ -73,8 +74,15 @@ from qiothread.aio import AioContext
 from qiothread.barrier import SharedU64, full_barrier
 from qiothread.errors import ConfigError, InternalError
 from qiothread.notifier import CONTROL_BLOCK_SIZE, AioNotifier, ControlBlock
+from qiothread.policies import (
+    POLICY_NAMES,
+    POLL_WEIGHT_MAX,
+    PolicyWeighted,
+    make_policy_from_props,
+)
+from qiothread.policy import PollPolicy
 from qiothread.process import Child, ChildState, ReadyChannel, Supervisor
-from qiothread.qom import Int64Property, ObjectRoot, UserCreatable
+from qiothread.qom import Int64Property, ObjectRoot, StrProperty, UserCreatable
 from qiothread.stats import STATS_SIZE, PollStats
 
 __all__ = [
@@ -102,6 +110,7 @@ _STOP = 8
 _APPLIED_SEQ, _APPLIED_NS, _THREAD_ID = 9, 10, 11
 _POLL_DISABLE_CNT, _NR_HANDLERS = 12, 13
 _RUNNING_WITH = 14                          # 14..19 mirror words 2..7
+_POLL_WEIGHT, _RUNNING_WEIGHT = 20, 21      # poll-weight, its mirror
 _PARAM_WORDS = 32
 _BLOCK_MAGIC = 0x4451485449514F49          # "IOQITHQD"
 _CONTROL_OFFSET = 256
@@ -167,7 +176,14 @@ class IOThread(EventLoopBase):
         Int64Property("poll-max-ns", IOTHREAD_POLL_MAX_NS_DEFAULT),
         Int64Property("poll-grow", 0),
         Int64Property("poll-shrink", 0),
+        # qiothread extensions (issue 7; qiothread.policies): the
+        # weighted proposal's weight and the QEMU version's policy.
+        Int64Property("poll-weight", 0),
     )
+    STR_PROPERTIES: ClassVar[tuple[StrProperty, ...]] = (
+        StrProperty("poll-policy", "7.2", POLICY_NAMES),)
+    HIDDEN: ClassVar[frozenset[str]] = frozenset(
+        {"poll-weight", "poll-policy"})
     # QAPI visits the base (EventLoopBaseProperties) members first.
     PROPERTIES = EventLoopBase.BASE_PROPERTIES + _POLL_PROPERTIES
     QOM_LIST_ORDER = ("thread-pool-min", "aio-max-batch", "thread-pool-max",
@@ -178,10 +194,10 @@ class IOThread(EventLoopBase):
                  fdmon: str = "poll", policy: str = "7.2",
                  start_on_complete: bool = True) -> None:
         super().__init__(object_id)
+        self._strs["poll-policy"] = policy
         self._supervisor = supervisor
         self._own_supervisor = False
         self._fdmon = fdmon
-        self._policy = policy
         self._start_on_complete = start_on_complete
         self._setup: list[Callable[[AioContext], None]] = []
         self._lock = threading.Lock()
@@ -215,7 +231,27 @@ class IOThread(EventLoopBase):
 
     # -- properties -----------------------------------------------------
 
+    def set(self, name: str, value: int) -> None:
+        if name == "poll-weight" and value > POLL_WEIGHT_MAX:
+            raise ConfigError(
+                f"poll-weight value must be in range [0, {POLL_WEIGHT_MAX}]")
+        super().set(name, value)
+
+    def set_str(self, name: str, value: str) -> None:
+        if name == "poll-policy" and self.ctx is not None:
+            raise ConfigError(
+                "qiothread: poll-policy can only be set when the iothread "
+                "is created")
+        super().set_str(name, value)
+
+    def _make_policy(self) -> PollPolicy:
+        """The policy of ``poll-policy`` with ``poll-weight``."""
+        return make_policy_from_props(self.get_str("poll-policy"),
+                                      self.get("poll-weight"))
+
     def property_updated(self, name: str) -> None:
+        if name == "poll-policy":
+            return                      # read when the context is built
         if name in self._BASE_NAMES:
             self.update_params()
         elif self.ctx is not None:
@@ -280,7 +316,7 @@ class IOThread(EventLoopBase):
         self._stats = PollStats(self._map, _STATS_OFFSET)
         self._control = ControlBlock(self._map, _CONTROL_OFFSET)
         self.ctx = AioContext(
-            fdmon=self._fdmon, policy=self._policy, name=self.id,
+            fdmon=self._fdmon, policy=self._make_policy(), name=self.id,
             control_block=self._control, stats=self._stats)
         self._notifier = self.ctx.remote_handle()
         # The loop applies these before it starts, as iothread_init does
@@ -301,6 +337,7 @@ class IOThread(EventLoopBase):
             words[_POLL_GROW] = self.get("poll-grow")
             words[_POLL_SHRINK] = self.get("poll-shrink")
             words[_AIO_MAX_BATCH] = self.get("aio-max-batch")
+            words[_POLL_WEIGHT] = self.get("poll-weight")
             if pool:
                 words[_POOL_MIN] = self.get("thread-pool-min")
                 words[_POOL_MAX] = self.get("thread-pool-max")
@@ -402,6 +439,7 @@ class IOThread(EventLoopBase):
             "aio_max_batch": words[_RUNNING_WITH + 3],
             "thread_pool_min": words[_RUNNING_WITH + 4],
             "thread_pool_max": words[_RUNNING_WITH + 5],
+            "poll_weight": words[_RUNNING_WEIGHT],
         }
 
     def info(self) -> dict[str, Any]:
@@ -461,10 +499,13 @@ class IOThread(EventLoopBase):
                 os.sched_yield()    # the main process is mid-write
                 continue
             vals = [words[i] for i in range(_POLL_MAX_NS, _POOL_MAX + 1)]
+            weight = words[_POLL_WEIGHT]
             full_barrier()          # the copies above before the re-check
             if seq.load() == before:
                 break
         max_ns, grow, shrink, batch, pool_min, pool_max = vals
+        if isinstance(ctx.policy, PolicyWeighted):
+            ctx.policy.set_weight(weight)   # before the reset below
         ctx.set_poll_params(max_ns, grow, shrink)
         ctx.set_aio_params(batch)
         # QEMU re-applies the pool bounds with every parameter change
@@ -482,6 +523,7 @@ class IOThread(EventLoopBase):
                         ctx.aio_max_batch, *self._pool)
         for i, v in enumerate(running_with):
             words[_RUNNING_WITH + i] = v
+        words[_RUNNING_WEIGHT] = weight
         words[_APPLIED_NS] = time.monotonic_ns()
         words[_POLL_DISABLE_CNT] = ctx.poll_disable_cnt
         words[_NR_HANDLERS] = len(ctx.fd_handlers)

@@ -401,18 +401,19 @@ POLICY_NAMES = ("7.2", "8.0", "8.2", "10.0", "weighted")
 def make_policy_from_props(name: str, weight: int = 0) -> PollPolicy:
     """A policy for ``poll-policy=NAME`` and ``poll-weight=W``.
 
-    ``poll-weight`` only means something to the weighted policy; for
-    the others it must be 0 (the property's default).
+    ``poll-weight`` is checked for every policy but used only by the
+    weighted one (the others have no weight, as QEMU releases have no
+    such property), so that one sweep can cross weights with policies.
 
-    :raises ValueError: unknown name, or a weight that does not fit.
+    :raises ValueError: unknown name, or a weight out of range.
     """
     from qiothread.policy import make_policy
 
     policy = make_policy(name)
     if isinstance(policy, PolicyWeighted):
         policy.set_weight(weight)
-    elif weight:
+    elif not 0 <= weight <= POLL_WEIGHT_MAX:
         raise ValueError(
-            f"poll-weight applies only to poll-policy=weighted "
-            f"(poll-policy is {name})")
+            f"poll-weight must be in [0, {POLL_WEIGHT_MAX}], "
+            f"got {weight}")
     return policy

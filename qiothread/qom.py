@@ -16,7 +16,12 @@ behaviour visible through those, with QEMU's messages:
   then rejects the combination (``bad thread-pool-min/thread-pool-max
   values``) the value stays stored, as QEMU 7.2 does; ``qom-get`` shows
   it (reference §8.1, "verified quirk").
-- Every property is an int64 except the read-only ``type``.
+- Every property is an int64 except the read-only ``type`` and the
+  enum-like string properties a type declares in ``STR_PROPERTIES``
+  (an iothread's ``poll-policy``, a qiothread extension for issue 7),
+  which are checked against their list of values.  Extensions that the
+  imitated QEMU release lacks are listed in ``HIDDEN``: accepted, but
+  not shown by ``help`` or ``qom-list``.
 
 Thread-safety: an object and the root are used from one thread at a
 time (the main thread, or QMP's worker thread which QEMU also serialises
@@ -37,6 +42,7 @@ from qiothread.process import Supervisor
 __all__ = [
     "Int64Property",
     "ObjectRoot",
+    "StrProperty",
     "UserCreatable",
     "id_wellformed",
 ]
@@ -64,6 +70,22 @@ class Int64Property:
                 f"{self.name} value must be in range [0, {INT64_MAX}]")
 
 
+@dataclass(frozen=True)
+class StrProperty:
+    """A string property with a fixed set of values (a QAPI enum)."""
+
+    name: str
+    default: str
+    choices: tuple[str, ...]
+
+    def check(self, value: str) -> None:
+        """:raises ConfigError: QAPI's enum message."""
+        if value not in self.choices:
+            raise ConfigError(
+                f"Parameter '{self.name}' does not accept value "
+                f"'{value}'")
+
+
 class UserCreatable:
     """Base of the ``-object`` types (QEMU's ``TYPE_USER_CREATABLE``).
 
@@ -77,12 +99,20 @@ class UserCreatable:
     PROPERTIES: ClassVar[tuple[Int64Property, ...]]
     #: Property names as ``qom-list`` shows them after ``type``.
     QOM_LIST_ORDER: ClassVar[tuple[str, ...]]
+    #: String properties, visited after the int64 ones.
+    STR_PROPERTIES: ClassVar[tuple[StrProperty, ...]] = ()
+    #: qiothread's own properties, which the QEMU release it imitates
+    #: does not have: settable and readable, but left out of ``help``
+    #: and ``qom-list`` so that those stay QEMU's.
+    HIDDEN: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, object_id: str) -> None:
         #: The id under ``/objects``.
         self.id = object_id
         self._values: dict[str, int] = {
             p.name: p.default for p in self.PROPERTIES}
+        self._strs: dict[str, str] = {
+            p.name: p.default for p in self.STR_PROPERTIES}
         #: True once :meth:`complete` succeeded.
         self.completed = False
 
@@ -99,6 +129,27 @@ class UserCreatable:
             if p.name == name:
                 return p
         return None
+
+    @classmethod
+    def str_property(cls, name: str) -> StrProperty | None:
+        """The declaration of string property ``name``, or ``None``."""
+        for p in cls.STR_PROPERTIES:
+            if p.name == name:
+                return p
+        return None
+
+    def get_str(self, name: str) -> str:
+        """The stored value of string property ``name``."""
+        return self._strs[name]
+
+    def set_str(self, name: str, value: str) -> None:
+        """A string property's setter (see :meth:`set`)."""
+        prop = self.str_property(name)
+        if prop is None:
+            raise ConfigError(f"Property '{self.TYPE}.{name}' not found")
+        prop.check(value)
+        self._strs[name] = value
+        self.property_updated(name)
 
     def get(self, name: str) -> int:
         """The stored value of property ``name``."""
@@ -135,7 +186,8 @@ class UserCreatable:
     def qom_list(self) -> list[dict[str, str]]:
         """``qom-list`` of this object, in QMP's shape."""
         return [{"name": "type", "type": "string"}] + [
-            {"name": n, "type": "int"} for n in self.QOM_LIST_ORDER]
+            {"name": n, "type": "string" if self.str_property(n) else "int"}
+            for n in self.QOM_LIST_ORDER]
 
     def qom_get(self, name: str) -> int | str:
         """``qom-get``: the ``type`` string or an int64 property.
@@ -144,6 +196,8 @@ class UserCreatable:
         """
         if name == "type":
             return self.TYPE
+        if self.str_property(name) is not None:
+            return self.get_str(name)
         if self.property(name) is None:
             raise ConfigError(f"Property '{self.TYPE}.{name}' not found")
         return self.get(name)
@@ -157,6 +211,12 @@ class UserCreatable:
         if name == "type":
             raise ConfigError(
                 "Insufficient permission to perform this operation")
+        if self.str_property(name) is not None:
+            text = InputVisitor({name: value}, keyval=False).type_str(
+                name, required=True)
+            assert text is not None
+            self.set_str(name, text)
+            return
         if self.property(name) is None:
             raise ConfigError(f"Property '{self.TYPE}.{name}' not found")
         v = InputVisitor({name: value}, keyval=False)
@@ -168,8 +228,11 @@ class UserCreatable:
     def help_text(cls) -> str:
         """What ``-object TYPE,help`` prints."""
         lines = [f"{cls.TYPE} options:"]
-        lines += [f"  {p.name}=<int>"
-                  for p in sorted(cls.PROPERTIES, key=lambda p: p.name)]
+        lines += sorted(
+            [f"  {p.name}=<int>" for p in cls.PROPERTIES
+             if p.name not in cls.HIDDEN]
+            + [f"  {p.name}=<{'|'.join(p.choices)}>"
+               for p in cls.STR_PROPERTIES if p.name not in cls.HIDDEN])
         return "\n".join(lines) + "\n"
 
     def __repr__(self) -> str:
@@ -232,8 +295,13 @@ class ObjectRoot:
             value = v.type_int64(prop.name)
             if value is not None:
                 values.append((prop.name, value))
+        strs: list[tuple[str, str]] = []
+        for sprop in cls.STR_PROPERTIES:
+            text = v.type_str(sprop.name)
+            if text is not None:
+                strs.append((sprop.name, text))
         v.check_struct()
-        return self._add(cls, object_id, values)
+        return self._add(cls, object_id, values, strs)
 
     def object_add_qmp(self, qom_type: str, object_id: str,
                        props: Mapping[str, Any]) -> UserCreatable:
@@ -242,12 +310,15 @@ class ObjectRoot:
         return self.object_add(ParsedOption(data, keyval=False))
 
     def _add(self, cls: type[UserCreatable], object_id: str,
-             values: Iterable[tuple[str, int]]) -> UserCreatable:
+             values: Iterable[tuple[str, int]],
+             strs: Iterable[tuple[str, str]] = ()) -> UserCreatable:
         if not id_wellformed(object_id):
             raise ConfigError("Parameter 'id' expects an identifier")
         obj = cls.new(object_id, self)
         for name, value in values:
             obj.set(name, value)
+        for name, text in strs:
+            obj.set_str(name, text)
         if object_id in self.objects:
             raise ConfigError(
                 f"attempt to add duplicate property '{object_id}' to "

@@ -79,8 +79,10 @@ def test_bad_policy_properties_are_refused() -> None:
         make_policy_from_props("weighted", -1)
     with pytest.raises(ValueError, match="poll-weight must be in"):
         make_policy_from_props("weighted", 63)
-    with pytest.raises(ValueError, match="only to poll-policy=weighted"):
-        make_policy_from_props("10.0", 2)
+    with pytest.raises(ValueError, match="poll-weight must be in"):
+        make_policy_from_props("10.0", 99)
+    # Accepted, and without effect, by the policies that have no weight.
+    assert type(make_policy_from_props("10.0", 2)) is Policy100
 
 
 # ----------------------------------------------------------------------

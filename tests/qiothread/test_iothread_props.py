@@ -96,7 +96,8 @@ def test_non_integer_in_json_and_over_qmp(
 @pytest.mark.parametrize(("text", "message"), [
     ("iothread,id=io0,foo=1", "Parameter 'foo' is unexpected"),
     ("iothread,poll-max-ns=1", "Parameter 'id' is missing"),
-    ("iothread,id=io0,poll-weight=3", "Parameter 'poll-weight' is unexpected"),
+    # (poll-weight and poll-policy are qiothread's own: accepted.)
+    ("iothread,id=io0,poll-period=3", "Parameter 'poll-period' is unexpected"),
     ("iothread,id=9a", "Parameter 'id' expects an identifier"),
     # The type check of every member comes before unknown keys ...
     ("iothread,id=io0,foo=1,poll-grow=x",
