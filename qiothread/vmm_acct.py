@@ -29,7 +29,21 @@ from qiothread.vmm_shared import ACCT_FIELDS
 __all__ = ["AccountedNode"]
 
 _IX = {name: i for i, name in enumerate(ACCT_FIELDS)}
-_RD, _WR, _FLUSH, _UNMAP = "rd", "wr", "flush", "unmap"
+
+
+def _kind(name: str, has_bytes: bool = True) -> tuple[int, int, int, int]:
+    """Word indexes of one kind: (operations, bytes or -1, total time,
+    failed operations), looked up once, not per request."""
+    return (_IX[f"{name}_operations"],
+            _IX[f"{name}_bytes"] if has_bytes else -1,
+            _IX[f"{name}_total_time_ns"],
+            _IX[f"failed_{name}_operations"])
+
+
+_RD, _WR, _UNMAP = _kind("rd"), _kind("wr"), _kind("unmap")
+_FLUSH = _kind("flush", has_bytes=False)
+_LAST = _IX["last_completion_ns"]
+_HIGHEST = _IX["wr_highest_offset"]
 
 
 class AccountedNode:
@@ -45,20 +59,21 @@ class AccountedNode:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._node, name)
 
-    def _done(self, kind: str, nbytes: int, t0: int,
-              cb: Callable[[int], None]) -> Callable[[int], None]:
+    def _done(self, kind: tuple[int, int, int, int], nbytes: int,
+              t0: int, cb: Callable[[int], None]) -> Callable[[int], None]:
         w = self._w
+        ops, nbytes_ix, total, failed = kind
 
         def complete(ret: int) -> None:
             now = time.monotonic_ns()
             if ret < 0:
-                w[_IX[f"failed_{kind}_operations"]] += 1
+                w[failed] += 1
             else:
-                w[_IX[f"{kind}_operations"]] += 1
-                if kind != _FLUSH:
-                    w[_IX[f"{kind}_bytes"]] += nbytes
-            w[_IX[f"{kind}_total_time_ns"]] += now - t0
-            w[_IX["last_completion_ns"]] = now
+                w[ops] += 1
+                if nbytes_ix >= 0:
+                    w[nbytes_ix] += nbytes
+            w[total] += now - t0
+            w[_LAST] = now
             cb(ret)
         return complete
 
@@ -71,9 +86,8 @@ class AccountedNode:
     def pwritev(self, offset: int, iov: Sequence[memoryview],
                 cb: Callable[[int], None]) -> None:
         n = sum(len(v) for v in iov)
-        hi = _IX["wr_highest_offset"]
-        if offset + n > self._w[hi]:
-            self._w[hi] = offset + n
+        if offset + n > self._w[_HIGHEST]:
+            self._w[_HIGHEST] = offset + n
         self._node.pwritev(offset, iov, self._done(
             _WR, n, time.monotonic_ns(), cb))
 
