@@ -355,7 +355,8 @@ class Machine:
 
     def _create_iothreads(self) -> None:
         for t in self.config.iothreads:
-            obj = self.root.object_add_qmp("iothread", t.id, t.props)
+            obj = self.root.object_add_qmp(
+                "iothread", t.id, {**t.props, "poll-policy": t.policy})
             assert isinstance(obj, IOThread)
             self.iothreads[t.id] = obj
         if any(s.iothread == MAIN_LOOP for s in self.queues):

@@ -322,7 +322,8 @@ class _Builder:
                               "is not supported (iothread is)")
         obj = self._dry_root.object_add(parsed)
         props = {p.name: obj.get(p.name) for p in obj.PROPERTIES}
-        self.cfg.iothreads.append(IOThreadConfig(obj.id, props))
+        self.cfg.iothreads.append(IOThreadConfig(
+            obj.id, props, obj.get_str("poll-policy")))
 
     def open_nodes(self) -> None:
         # -blockdev and -drive are created in one command-line order

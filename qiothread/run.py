@@ -336,9 +336,10 @@ def build_report(plan: RunPlan, outcome: MachineOutcome) -> RunReport:
               for name, samples in records.stages().items()]
     host = host_facts()
     host["engines"] = dict(outcome.engines)
+    policies = sorted({t.policy for t in plan.config.iothreads}) or ["7.2"]
     section = QiothreadSection(iothreads=outcome.iothreads,
                                queues=outcome.queues, stages=stages,
-                               host=host)
+                               host=host, qemu_policy=",".join(policies))
     return RunReport(jobs=outcome.results,
                      global_options=plan.global_options,
                      qiothread=section, timestamp_s=time.time())

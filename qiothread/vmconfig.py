@@ -43,6 +43,8 @@ class IOThreadConfig:
     #: Every property of the object with its (checked) integer value;
     #: ``poll-max-ns`` etc., defaults filled in.
     props: dict[str, int]
+    #: ``poll-policy`` (qiothread's; :mod:`qiothread.policies`).
+    policy: str = "7.2"
 
 
 @dataclass

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -94,3 +98,17 @@ def test_qmp_object_add_and_qom_set(root: ObjectRoot) -> None:
     with pytest.raises(ConfigError,
                        match="Invalid parameter type for 'poll-policy'"):
         root.object_add_qmp("iothread", "io1", {"poll-policy": 10})
+
+
+def test_a_run_uses_and_reports_the_policy(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    p = subprocess.run(
+        [sys.executable, "-m", "qiothread.cli", "run", "--runtime=300ms",
+         "-object", "iothread,id=io0,poll-policy=weighted,poll-weight=2",
+         "--output-format=json", f"--output={out}"],
+        cwd=Path(__file__).resolve().parents[2], capture_output=True,
+        text=True, timeout=180, check=False)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["qiothread"]["qemu_policy"] == "weighted"
+    assert doc["jobs"][0]["read"]["total_ios"] > 0
