@@ -74,9 +74,10 @@ def _panel(ax: Any, series: dict[str, list[dict[str, Any]]], x: str,
         ok = [i for i, y in enumerate(ys) if y == y]
         if not ok:
             continue
+        # Categories (policies) are not a scale: points, no lines.
         ax.errorbar([xs[i] for i in ok], [ys[i] for i in ok],
                     yerr=[es[i] for i in ok], marker="o", capsize=3,
-                    label=label)
+                    linestyle="-" if numeric else "none", label=label)
         lo = min(lo, *(ys[i] for i in ok))
         hi = max(hi, *(ys[i] for i in ok))
     if not numeric:
