@@ -219,6 +219,7 @@ class VirtIOBlock(VirtIODevice):
 
     def host_notifier_poll_ready(self, index: int) -> None:
         """io_poll_ready: handle the queue without reading the eventfd."""
+        self.stats[index].polled += 1
         self.vqs[index].host_notifier_poll_ready()
 
     def host_notifier_poll_begin(self, index: int) -> None:

@@ -317,3 +317,5 @@ class VirtQueueStats:
     #: Requests completed with IOERR / UNSUPP.
     ioerr: int = 0
     unsupp: int = 0
+    #: Drains started by polling (io_poll_ready), without a kick read.
+    polled: int = 0
