@@ -49,7 +49,8 @@ def image(tmp_path: Path) -> Path:
 
 
 def _start_run(tmp_path: Path, image: Path,
-               monitor: list[str] | None = None) -> subprocess.Popen[str]:
+               monitor: list[str] | None = None,
+               runtime: int = 60) -> subprocess.Popen[str]:
     sock = tmp_path / "qmp.sock"
     if monitor is None:
         monitor = ["-qmp", f"unix:{sock},server=on,wait=off"]
@@ -64,7 +65,7 @@ def _start_run(tmp_path: Path, image: Path,
         "-trace", f"enable=run_poll_handlers_begin,file={tmp_path}/trace",
         "-msg", "timestamp=on",
         "--name=live", "--rw=randread", "--bs=4k", "--iodepth=1",
-        "--time_based", "--runtime=60",
+        "--time_based", f"--runtime={runtime}",
         "--output-format=json", f"--output={tmp_path}/result.json",
     ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE,
@@ -222,7 +223,12 @@ def test_chardev_monitor_and_legacy_client(tmp_path: Path,
         try:
             mon.connect(negotiate=True)
             mon.settimeout(TIMEOUT)
-            assert mon.cmd("query-status")["status"] == "running"
+            # "prelaunch" while the guests start, then "running".
+            status = mon.cmd("query-status")["status"]
+            while status == "prelaunch" and time.monotonic() < deadline:
+                time.sleep(0.02)
+                status = mon.cmd("query-status")["status"]
+            assert status == "running"
             mon.cmd("qom-set", path="io0", property="poll-max-ns",
                     value=32768)
             assert mon.cmd("qom-get", path="io0",
@@ -245,3 +251,30 @@ def test_chardev_monitor_and_legacy_client(tmp_path: Path,
             proc.communicate()
     assert proc.returncode == 0, err
     assert json.loads((tmp_path / "result.json").read_text())["jobs"]
+
+
+def test_shutdown_event_when_the_job_ends(tmp_path: Path,
+                                          image: Path) -> None:
+    """A job that runs out is QEMU's guest powering off: SHUTDOWN with
+    ``guest`` true, then the socket closes and the result is written."""
+    proc = _start_run(tmp_path, image, runtime=1)
+
+    async def wait_shutdown() -> dict[str, Any]:
+        qmp = await _connect(tmp_path / "qmp.sock", proc)
+        with qmp.listener("SHUTDOWN") as listener:
+            ev = dict(await listener.get())
+        with contextlib.suppress(EOFError):
+            await qmp.disconnect()
+        return ev
+
+    try:
+        ev = asyncio.run(asyncio.wait_for(wait_shutdown(), TIMEOUT))
+        _, err = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
+    assert proc.returncode == 0, err
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["jobs"][0]["read"]["total_ios"] > 0
