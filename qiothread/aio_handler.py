@@ -23,13 +23,17 @@ READ_EVENTS = POLLIN | POLLHUP | POLLERR
 WRITE_EVENTS = POLLOUT | POLLERR
 
 
+_U64 = (1 << 64) - 1
+
+
 def soonest(a: int, b: int) -> int:
-    """``qemu_soonest_timeout``: the smaller, with -1 as infinity."""
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    return a if a < b else b
+    """``qemu_soonest_timeout``: the smaller of two ns timeouts.
+
+    Compared as unsigned 64-bit values, as QEMU does: -1 (infinite) is
+    later than any other timeout, and any negative value is later than
+    every non-negative one.
+    """
+    return a if (a & _U64) < (b & _U64) else b
 
 
 class AioHandler:

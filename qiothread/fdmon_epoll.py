@@ -13,7 +13,15 @@ The kernel contract (epoll(7), epoll_ctl(2), epoll_wait(2)):
   fd itself (an epoll fd is readable when any registered fd is ready)
   with the ns timeout, returns 0 if that times out, and otherwise calls
   ``epoll_wait`` with timeout 0.  Only 0 and -1 (infinite) ever reach
-  ``epoll_wait``, so Python's millisecond API loses nothing.
+  ``epoll_wait``.
+- A signal ends ``epoll_wait`` with EINTR, and QEMU takes that as
+  "nothing ready": ``aio_poll`` returns.  Python's ``epoll.poll``
+  instead retries after running the signal handlers (PEP 475) and
+  would keep an infinite wait blocked, so the wait calls glibc's
+  ``epoll_wait`` through ``ctypes`` (which also releases the GIL).
+  ``struct epoll_event`` is packed on x86-64 only: 12 bytes there, 16
+  elsewhere; the fd is the first member of its ``data`` union.
+  Registration stays with ``select.epoll``, which puts the fd there.
 - At most 128 events per wait; the rest stay ready for the next one
   (level-triggered).
 - EPOLLIN/OUT/ERR/HUP have the POLL* values, so events pass through.
@@ -25,6 +33,10 @@ QEMU's ``fdmon_epoll_disable``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import os
+import platform
 import select
 from typing import TYPE_CHECKING, ClassVar
 
@@ -42,6 +54,36 @@ EPOLL_ENABLE_THRESHOLD = 64
 EPOLL_MAX_EVENTS = 128
 
 
+class EpollEvent(ctypes.Structure):
+    """``struct epoll_event``, reading ``data`` as its ``fd`` member."""
+
+    _fields_ = (
+        [("events", ctypes.c_uint32), ("fd", ctypes.c_int32),
+         ("_rest", ctypes.c_uint32)]
+        if platform.machine() in ("x86_64", "AMD64") else
+        [("events", ctypes.c_uint32), ("_pad", ctypes.c_uint32),
+         ("fd", ctypes.c_int32), ("_rest", ctypes.c_uint32)])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_epoll_wait = _libc.epoll_wait
+_epoll_wait.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                        ctypes.c_int]
+_epoll_wait.restype = ctypes.c_int
+
+
+def epoll_wait(epfd: int, events: ctypes.Array[EpollEvent],
+               timeout_ms: int) -> int:
+    """``epoll_wait(2)``; the number of events, 0 on timeout or EINTR."""
+    r = _epoll_wait(epfd, events, len(events), timeout_ms)
+    if r < 0:
+        err = ctypes.get_errno()
+        if err == errno.EINTR:
+            return 0
+        raise OSError(err, os.strerror(err))
+    return int(r)
+
+
 class EpollMonitor(FdMonitor):
     """QEMU's fdmon-epoll."""
 
@@ -53,6 +95,7 @@ class EpollMonitor(FdMonitor):
         self._pfd = (PollFd * 1)()
         self._pfd[0].fd = self._ep.fileno()
         self._pfd[0].events = select.POLLIN
+        self._events = (EpollEvent * EPOLL_MAX_EVENTS)()
 
     def fileno(self) -> int:
         return self._ep.fileno()
@@ -81,17 +124,19 @@ class EpollMonitor(FdMonitor):
             if ppoll_ns(self._pfd, 1, timeout_ns) == 0:
                 return 0
             timeout_ns = 0
-        events = self._ep.poll(-1 if timeout_ns < 0 else 0,
-                               EPOLL_MAX_EVENTS)
-        if events:
+        events = self._events
+        n = epoll_wait(self._ep.fileno(), events,
+                       -1 if timeout_ns < 0 else 0)
+        if n:
             ctx = self.ctx
             by_fd = ctx.fd_handlers
             add = ctx.add_ready_handler
-            for fd, rev in events:
-                node = by_fd.get(fd)
+            for i in range(n):
+                ev = events[i]
+                node = by_fd.get(ev.fd)
                 if node is not None:
-                    add(ready, node, rev)
-        return len(events)
+                    add(ready, node, ev.events)
+        return n
 
     def close(self) -> None:
         self._ep.close()

@@ -1,0 +1,67 @@
+"""Regression tests from the review of issue 2 against the reference.
+
+Each test names the divergence it caught (reference section in the
+docstring) and fails on the code as it was before the fix.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+from qiothread.aio import AioContext
+from qiothread.aio_handler import soonest
+
+
+def test_regression_soonest_compares_unsigned() -> None:
+    """§4.1: qemu_soonest_timeout compares as uint64, so every negative
+    value is "later" than any non-negative one, and of two negatives
+    the one nearer zero (-1) is the latest."""
+    assert soonest(-1, 5) == 5
+    assert soonest(5, -1) == 5
+    assert soonest(-1, -1) == -1
+    assert soonest(0, -1) == 0
+    assert soonest(-2, -1) == -2
+    assert soonest(-1, -2) == -2
+    assert soonest(-3, 7) == 7
+    assert soonest(3, 7) == 3
+
+
+def test_regression_infinite_wait_ends_on_a_signal(fdmon: str) -> None:
+    """§7.1/§7.2: a signal ends an infinite wait with EINTR on both
+    monitors (ppoll and epoll_wait return -1), so aio_poll returns
+    without progress and the Python handler runs.  The epoll monitor
+    used Python's epoll.poll, which retries after EINTR and kept the
+    loop blocked until the next event."""
+    got: list[int] = []
+    old = signal.signal(signal.SIGUSR1, lambda s, f: got.append(s))
+    ctx = AioContext(fdmon=fdmon)
+    main = threading.get_ident()
+    done = threading.Event()
+
+    def signal_the_blocked_loop() -> None:
+        while ctx.notify_me == 0:
+            time.sleep(0.0005)
+        signal.pthread_kill(main, signal.SIGUSR1)
+        # The fallback wake-up, long after the signal, so that a loop
+        # that ignored EINTR is told apart from one that returned.
+        if not done.wait(20):
+            ctx.notify()
+
+    try:
+        ctx.aio_poll(False)             # accept the notify of set-up
+        t = threading.Thread(target=signal_the_blocked_loop)
+        t.start()
+        try:
+            t0 = time.monotonic()
+            assert ctx.aio_poll(True) is False
+            waited = time.monotonic() - t0
+        finally:
+            done.set()
+            t.join()
+        assert got == [signal.SIGUSR1]
+        assert waited < 20, f"aio_poll blocked {waited:.1f} s"
+    finally:
+        signal.signal(signal.SIGUSR1, old)
+        ctx.close()
