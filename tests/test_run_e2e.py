@@ -199,12 +199,16 @@ def test_polling_finds_completions_with_a_wide_window(
              and m.group(1) == "1"]
     ios = total_ios(doc)
     assert ios > 0
-    # Polling ran and found work, over and over: at least one hit per
-    # ten I/Os (a request and its completion are both found this way
-    # when polling wins; preemption on a busy host loses some).
-    assert len(found) * 10 >= ios, (len(found), ios)
+    # Polling ran and found work, over and over: a request and its
+    # completion are each found this way when polling wins (about two
+    # hits an I/O); preemption on a busy host loses some.
+    assert len(found) * 2 >= ios, (len(found), ios)
     it = doc["qiothread"]["iothreads"][0]
     assert it["poll_progress"] >= len(found) > 0
+    # In poll mode the device asks the guest not to kick: most kicks
+    # were suppressed.
+    (queue,) = doc["qiothread"]["queues"]
+    assert queue["kicks_suppressed"] > queue["kicks_sent"]
 
 
 def test_no_polling_without_a_window(images: list[Path],
