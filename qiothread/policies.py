@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -148,12 +149,20 @@ class _CtxState:
     #: poll-max-ns and were reset to 0.
     idle_resets: int = 0
 
-    def live_nodes(self) -> list[AioHandler]:
-        """Nodes still on the poll list; the others are forgotten."""
-        gone = [n for n in self.nodes if n.deleted or not n.in_poll]
-        for n in gone:
-            del self.nodes[n]
-        return list(self.nodes)
+    def live_nodes(self) -> Iterable[AioHandler]:
+        """Nodes still on the poll list; the others are forgotten.
+
+        (A view of ``nodes``: callers may change values, not keys.)
+        """
+        nodes = self.nodes
+        for n in nodes:
+            if n.deleted or not n.in_poll:
+                break
+        else:
+            return nodes.keys()         # the usual case: nothing left
+        for n in [n for n in nodes if n.deleted or not n.in_poll]:
+            del nodes[n]
+        return nodes.keys()
 
 
 class _PerHandlerPolicy(PollPolicy):

@@ -51,6 +51,7 @@ the real-loop tests in ``tests/policies`` show those effects.
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import json
 import sys
@@ -141,6 +142,21 @@ class ReplayResult:
     handler_poll_ns: dict[str, int]
     #: Per-handler update/reset counts (weighted policy only).
     counters: dict[str, int]
+    poll_max_ns: int = 0
+
+    @property
+    def near_max_share(self) -> float:
+        """Share of the replayed time with the budget at 90% or more of
+        ``poll-max-ns`` (the "time near max" of the weighted RFC)."""
+        if not self.duration_ns or not self.poll_max_ns:
+            return 0.0
+        near = 0
+        limit = 0.9 * self.poll_max_ns
+        points = [*self.trajectory, (self.duration_ns, 0)]
+        for (t, v), (t_next, _) in itertools.pairwise(points):
+            if v >= limit:
+                near += min(t_next, self.duration_ns) - t
+        return near / self.duration_ns
 
     @property
     def hit_rate(self) -> float:
@@ -157,6 +173,7 @@ class ReplayResult:
         out = dataclasses.asdict(self)
         out["hit_rate"] = self.hit_rate
         out["polling_share"] = self.polling_share
+        out["near_max_share"] = self.near_max_share
         if not with_trajectory:
             del out["trajectory"]
         else:
@@ -267,7 +284,7 @@ def replay(seq: EventSeq, policy: PollPolicy | str = "7.2", *,
         trajectory=trajectory,
         handler_poll_ns={nd.name: nd.poll_ns for nd in nodes}
         if per_handler else {},
-        counters=counters)
+        counters=counters, poll_max_ns=poll_max_ns)
 
 
 # ----------------------------------------------------------------------
@@ -333,14 +350,16 @@ def _load(args: argparse.Namespace) -> EventSeq:
 def format_table(results: Sequence[ReplayResult]) -> str:
     """One line per policy, aligned."""
     head = ("policy", "iters", "rounds", "hit%", "poll-cpu%",
-            "mean-poll-ns", "grow", "shrink", "final")
+            "mean-poll-ns", "near-max%", "grow", "shrink", "final")
     rows = [head]
     for r in results:
         final = r.trajectory[-1][1] if r.trajectory else 0
         rows.append((r.policy, str(r.iterations), str(r.poll_rounds),
                      f"{100 * r.hit_rate:.1f}",
                      f"{100 * r.polling_share:.2f}",
-                     f"{r.poll_ns_mean:.0f}", str(r.grow), str(r.shrink),
+                     f"{r.poll_ns_mean:.0f}",
+                     f"{100 * r.near_max_share:.1f}", str(r.grow),
+                     str(r.shrink),
                      str(final)))
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     return "".join(

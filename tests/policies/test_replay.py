@@ -97,6 +97,11 @@ def test_replay_72_exact_trajectory() -> None:
     assert r.polling_ns == 4002 + 3000
     assert (r.grow, r.shrink) == (2, 2)
     assert r.duration_ns == 209_000
+    # Time-weighted: 4000 ns over [103, 203) and [206, 209] µs.
+    assert r.poll_ns_mean == pytest.approx(4000 * 103_000 / 209_000)
+    assert r.near_max_share == 0.0
+    assert replay(seq, "7.2", poll_max_ns=4000).near_max_share == \
+        pytest.approx(103_000 / 209_000)
 
 
 def test_replay_100_keeps_polling_the_queue() -> None:
@@ -250,8 +255,8 @@ def test_cli_writes_table_json_and_csv(tmp_path: Path,
     assert "6 events from 2 sources over 0.209 ms" in text
     lines = text.splitlines()
     assert lines[1].split() == ["policy", "iters", "rounds", "hit%",
-                                "poll-cpu%", "mean-poll-ns", "grow",
-                                "shrink", "final"]
+                                "poll-cpu%", "mean-poll-ns", "near-max%",
+                                "grow", "shrink", "final"]
     assert lines[2].split()[:4] == ["7.2", "6", "2", "50.0"]
     assert lines[3].split()[:4] == ["10.0", "6", "3", "66.7"]
     doc = json.loads(out_json.read_text())
