@@ -108,11 +108,13 @@ class GuestMemory:
     def attach(cls, fd: int, size: int) -> GuestMemory:
         """Map guest memory made by :meth:`create` in another process.
 
+        The fd is adopted (:meth:`close` closes it) unless this fails.
+
         :raises ConfigError: if ``fd`` is not such a memory.
         """
         mem = cls(fd, size)
         if int.from_bytes(mem.buf[:8], "little") != _MAGIC:
-            mem.close()
+            mem._unmap()            # the fd stays the caller's
             raise ConfigError(f"fd {fd} is not qiothread guest memory")
         return mem
 
@@ -173,6 +175,11 @@ class GuestMemory:
         """
         if self.fd < 0:
             return
+        self._unmap()
+        os.close(self.fd)
+        self.fd = -1
+
+    def _unmap(self) -> None:
         self.u16.release()
         self.u32.release()
         self.u64.release()
@@ -183,8 +190,6 @@ class GuestMemory:
             # Some view outlives us (a request still in flight when a
             # test fails, say).  The mapping goes with the last view.
             log.debug("guest memory views still exported at close")
-        os.close(self.fd)
-        self.fd = -1
 
     def __enter__(self) -> GuestMemory:
         return self
