@@ -51,8 +51,8 @@ the real-loop tests in ``tests/policies`` show those effects.
 from __future__ import annotations
 
 import argparse
-import itertools
 import dataclasses
+import itertools
 import json
 import sys
 from collections.abc import Sequence
