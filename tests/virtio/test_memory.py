@@ -79,12 +79,14 @@ def test_an_exec_child_attaches_by_fd() -> None:
         assert mem.read(addr, 8) == b"attached"
 
 
-def test_attach_refuses_other_files() -> None:
+def test_regression_attach_refusal_keeps_the_callers_fd() -> None:
+    # attach() used to close the fd it refused, under its owner's feet.
     fd = os.memfd_create("not-guest-ram")
     try:
         os.ftruncate(fd, 1 << 16)
         with pytest.raises(ConfigError, match="not qiothread guest memory"):
             GuestMemory.attach(fd, 1 << 16)
+        assert os.fstat(fd).st_size == 1 << 16
     finally:
         os.close(fd)
 
