@@ -19,6 +19,10 @@ here (``invalid aio option``), a missing ``format=`` probes raw with
 QEMU's warning, and a ``file=`` that is a block device gets the
 ``host_device`` driver, as QEMU's probing picks it.
 
+``if=virtio`` also creates the ``virtio-blk-pci`` device for the drive,
+as QEMU does (without an iothread: it runs in the main loop's context);
+every other interface needs a controller qiothread does not have.
+
 ``raw`` is a pass-through here (no ``offset``/``size``): a raw node is
 recorded as the ``format_node`` of the protocol node it sits on.
 """
@@ -143,10 +147,10 @@ _OTHER_FORMATS = ("qcow2", "qcow", "qed", "vmdk", "vdi", "vhdx", "vpc",
 def drive_node(opts: dict[str, str], index: int,
            warn: Callable[[str], None]) -> BlockNodeConfig:
     iface = opts.get("if", "ide")
-    if iface != "none":
+    if iface not in ("none", "virtio"):
         raise ConfigError(
             f"qiothread: -drive if={iface} is not supported; use if=none "
-            "with -device virtio-blk-pci,drive=ID")
+            "with -device virtio-blk-pci,drive=ID (or if=virtio)")
     for key in opts:
         if key in _DRIVE_LEGACY or key.split(".")[0] in _DRIVE_LEGACY:
             raise ConfigError(

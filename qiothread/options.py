@@ -212,6 +212,7 @@ class _Builder:
         self.drive_ids: set[str] = set()
         self.device_ids: set[str] = set()
         self.chardevs: dict[str, dict[str, str]] = {}
+        self._virtio_drives = 0
         self._where: tuple[str, str] | None = None
         from qiothread.iothread import IOThread
 
@@ -249,6 +250,15 @@ class _Builder:
         elif option == "drive":
             parsed = qemu_opts_parse("drive", arg)
             self._unique_id(parsed, self.drive_ids, "drive")
+            if parsed.get("if") == "virtio":
+                # QEMU names it by interface and unit and adds the
+                # device for it at once (before later -device options).
+                parsed.setdefault("id", f"virtio{self._virtio_drives}")
+                self._virtio_drives += 1
+                self.pending["device"].append(_Pending(
+                    option, arg, ParsedOption(
+                        {"driver": "virtio-blk-pci",
+                         "drive": parsed["id"]}, keyval=True)))
         elif option == "device":
             parsed = self._parse_device(arg)
         elif option == "chardev":

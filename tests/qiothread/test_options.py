@@ -160,6 +160,15 @@ def test_device_without_iothread_runs_in_main_loop() -> None:
     assert cfg.devices[0].queue_iothreads == [None]
 
 
+def test_drive_if_virtio_creates_its_device() -> None:
+    cfg = build(["-drive", "file=/tmp/x,format=raw,if=virtio",
+                 "-drive", "file=/tmp/y,format=raw,if=virtio,id=second"],
+                vcpus=2)
+    assert [n.drive_id for n in cfg.nodes] == ["virtio0", "second"]
+    assert [d.drive for d in cfg.devices] == ["virtio0", "second"]
+    assert cfg.devices[0].queue_iothreads == [None, None]
+
+
 def test_trace_msg_and_log_file(tmp_path: Path) -> None:
     events = tmp_path / "events"
     events.write_text("# comment\npoll_grow\n\nrun_poll_handlers_*\n")
@@ -238,6 +247,9 @@ ERRORS: list[tuple[list[str], str]] = [
      "Parameter 'file.filename' is missing"),
     # -drive
     (["-drive", "if=none,id=d,file=/x,cache=bogus"], "invalid cache option"),
+    (["-drive", "if=ide,file=/x"], "qiothread: -drive if=ide is not "
+     "supported; use if=none with -device virtio-blk-pci,drive=ID (or "
+     "if=virtio)"),
     (["-drive", "if=none,id=d,file=/x,aio=bogus"], "invalid aio option"),
     (["-drive", "if=none,id=d,file=/x,format=bogus"],
      "'bogus' invalid format"),
