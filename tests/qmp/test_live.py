@@ -28,6 +28,17 @@ from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 TIMEOUT = 120.0
+
+
+async def call(qmp: QMPClient, name: str,
+               args: dict[str, object] | None = None) -> Any:
+    """``qmp.execute``, typed loosely: QMP results are JSON."""
+    return await qmp.execute(name, args)
+
+
+def cmd(mon: QEMUMonitorProtocol, name: str, **args: object) -> Any:
+    """``mon.cmd``, typed loosely."""
+    return mon.cmd(name, **args)
 _TRACE = re.compile(
     r"^(\d+)@(\d+)\.(\d{6}):run_poll_handlers_begin ctx (\S+) "
     r"max_ns (\d+) timeout (-?\d+)$")
@@ -87,7 +98,7 @@ async def _connect(sock: Path, proc: subprocess.Popen[str]) -> QMPClient:
 
 
 async def _stats(qmp: QMPClient) -> dict[str, Any]:
-    out = await qmp.execute("x-query-poll-stats", {"iothread": "io0"})
+    out = await call(qmp, "x-query-poll-stats", {"iothread": "io0"})
     assert isinstance(out, list)
     return dict(out[0])
 
@@ -96,7 +107,7 @@ async def _wait_io(qmp: QMPClient, ops: int) -> dict[str, Any]:
     """Block stats once the guest has completed ``ops`` more reads."""
     start = None
     for _ in range(int(TIMEOUT / 0.05)):
-        stats = (await qmp.execute("query-blockstats"))[0]["stats"]
+        stats = (await call(qmp, "query-blockstats"))[0]["stats"]
         if start is None:
             start = stats["rd_operations"]
         if stats["rd_operations"] >= start + ops:
@@ -132,16 +143,16 @@ async def _session(sock: Path, proc: subprocess.Popen[str],
         before = await _stats(qmp)
         assert before["poll-max-ns"] == 0
         assert before["poll-rounds"] == 0
-        threads = await qmp.execute("query-iothreads")
+        threads = await call(qmp, "query-iothreads")
         assert threads[0]["poll-max-ns"] == 0
-        assert (await qmp.execute("query-status"))["status"] == "running"
-        block = (await qmp.execute("query-block"))[0]
+        assert (await call(qmp, "query-status"))["status"] == "running"
+        block = (await call(qmp, "query-block"))[0]
         assert block["io-status"] == "ok"
         assert block["inserted"]["image"]["virtual-size"] == 32 << 20
 
         t_wall = time.time()
         t_mono = time.monotonic_ns()
-        await qmp.execute("qom-set", {
+        await call(qmp, "qom-set", {
             "path": "/objects/io0", "property": "poll-max-ns",
             "value": 65536})
         t_done = time.monotonic_ns()
@@ -155,7 +166,7 @@ async def _session(sock: Path, proc: subprocess.Popen[str],
         assert after["poll-rounds"] > 0
         assert after["poll-disable-cnt"] == 0
         assert after["iterations"] > before["iterations"]
-        assert (await qmp.execute("qom-get", {
+        assert (await call(qmp, "qom-get", {
             "path": "/objects/io0", "property": "poll-max-ns"})) == 65536
 
         # The trace: no polling round before the qom-set, rounds after.
@@ -175,25 +186,25 @@ async def _session(sock: Path, proc: subprocess.Popen[str],
 
         # Iothreads come and go while the run goes on; the one serving
         # the device cannot be deleted, and bad values change nothing.
-        await qmp.execute("object-add", {"qom-type": "iothread",
+        await call(qmp, "object-add", {"qom-type": "iothread",
                                          "id": "io1", "poll-grow": 4})
-        threads = await qmp.execute("query-iothreads")
+        threads = await call(qmp, "query-iothreads")
         io1 = next(t for t in threads if t["id"] == "io1")
         assert io1["thread-id"] > 0 and io1["poll-grow"] == 4
-        await qmp.execute("object-del", {"id": "io1"})
+        await call(qmp, "object-del", {"id": "io1"})
         with pytest.raises(ExecuteError) as info:
-            await qmp.execute("object-del", {"id": "io0"})
+            await call(qmp, "object-del", {"id": "io0"})
         assert info.value.error.error.desc == (
             "object 'io0' is in use, can not be deleted")
         with pytest.raises(ExecuteError) as info:
-            await qmp.execute("qom-set", {
+            await call(qmp, "qom-set", {
                 "path": "/objects/io0", "property": "poll-max-ns",
                 "value": -1})
         assert info.value.error.error.desc == (
             "poll-max-ns value must be in range [0, 9223372036854775807]")
         assert (await _stats(qmp))["poll-max-ns"] == 65536
 
-        await qmp.execute("quit")
+        await call(qmp, "quit")
         ev = await listener.get()
         events.append(dict(ev))
     # The run closes the socket once it has stopped, as QEMU does when
@@ -224,16 +235,16 @@ def test_chardev_monitor_and_legacy_client(tmp_path: Path,
             mon.connect(negotiate=True)
             mon.settimeout(TIMEOUT)
             # "prelaunch" while the guests start, then "running".
-            status = mon.cmd("query-status")["status"]
+            status = cmd(mon, "query-status")["status"]
             while status == "prelaunch" and time.monotonic() < deadline:
                 time.sleep(0.02)
-                status = mon.cmd("query-status")["status"]
+                status = cmd(mon, "query-status")["status"]
             assert status == "running"
-            mon.cmd("qom-set", path="io0", property="poll-max-ns",
+            cmd(mon, "qom-set", path="io0", property="poll-max-ns",
                     value=32768)
-            assert mon.cmd("qom-get", path="io0",
+            assert cmd(mon, "qom-get", path="io0",
                            property="poll-max-ns") == 32768
-            assert mon.cmd("quit") == {}
+            assert cmd(mon, "quit") == {}
             ev = mon.pull_event(wait=TIMEOUT)
             assert ev is not None and ev["event"] == "SHUTDOWN"
         finally:

@@ -21,6 +21,17 @@ from tests.qmp.model import ModelBackend
 TIMEOUT = 60.0
 
 
+async def call(qmp: QMPClient, name: str,
+               args: dict[str, object] | None = None) -> Any:
+    """``qmp.execute``, typed loosely: QMP results are JSON."""
+    return await qmp.execute(name, args)
+
+
+def cmd(mon: QEMUMonitorProtocol, name: str, **args: object) -> Any:
+    """``mon.cmd``, typed loosely."""
+    return mon.cmd(name, **args)
+
+
 def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, TIMEOUT))
 
@@ -32,39 +43,39 @@ def test_qmpclient_session(server: QMPServer,
         await qmp.connect(str(server.path))
         try:
             assert qmp.greeting is not None
-            ver = await qmp.execute("query-version")
+            ver = await call(qmp, "query-version")
             assert ver["qemu"] == {"major": 7, "minor": 2, "micro": 0}
-            threads = await qmp.execute("query-iothreads")
+            threads = await call(qmp, "query-iothreads")
             assert [t["id"] for t in threads] == ["io0", "io1"]
             assert set(threads[0]) == {
                 "id", "thread-id", "poll-max-ns", "poll-grow",
                 "poll-shrink", "aio-max-batch"}
 
-            props = await qmp.execute("qom-list",
+            props = await call(qmp, "qom-list",
                                       {"path": "/objects/io0"})
             assert [p["name"] for p in props] == [
                 "type", "thread-pool-min", "aio-max-batch",
                 "thread-pool-max", "poll-max-ns", "poll-grow",
                 "poll-shrink"]
-            await qmp.execute("qom-set", {
+            await call(qmp, "qom-set", {
                 "path": "/objects/io0", "property": "poll-max-ns",
                 "value": 65536})
-            assert await qmp.execute("qom-get", {
+            assert await call(qmp, "qom-get", {
                 "path": "/objects/io0", "property": "poll-max-ns"}) \
                 == 65536
             assert backend.root.objects["io0"].get("poll-max-ns") == 65536
 
-            await qmp.execute("object-add", {
+            await call(qmp, "object-add", {
                 "qom-type": "iothread", "id": "io2", "poll-max-ns": 0})
-            ids = [t["id"] for t in await qmp.execute("query-iothreads")]
+            ids = [t["id"] for t in await call(qmp, "query-iothreads")]
             assert ids == ["io0", "io1", "io2"]
             assert {"name": "io2", "type": "child<iothread>"} in \
-                await qmp.execute("qom-list", {"path": "/objects"})
-            await qmp.execute("object-del", {"id": "io2"})
+                await call(qmp, "qom-list", {"path": "/objects"})
+            await call(qmp, "object-del", {"id": "io2"})
             assert "io2" not in backend.root.objects
 
             with pytest.raises(ExecuteError) as info:
-                await qmp.execute("qom-set", {
+                await call(qmp, "qom-set", {
                     "path": "/objects/io0", "property": "poll-grow",
                     "value": "x"})
             assert info.value.error_class == "GenericError"
@@ -72,13 +83,13 @@ def test_qmpclient_session(server: QMPServer,
                 "Invalid parameter type for 'poll-grow', expected: "
                 "integer")
             with pytest.raises(ExecuteError) as info:
-                await qmp.execute("no-such-command")
+                await call(qmp, "no-such-command")
             assert info.value.error_class == "CommandNotFound"
             assert info.value.error.error.desc == (
                 "The command no-such-command has not been found")
 
             names = {c["name"] for c in
-                     await qmp.execute("query-commands")}
+                     await call(qmp, "query-commands")}
             assert {"qom-set", "x-query-poll-stats", "quit"} <= names
         finally:
             await qmp.disconnect()
@@ -95,11 +106,11 @@ def test_qmpclient_events_and_quit(server: QMPServer,
             backend.emit(MonitorEvent.device_broken(
                 "", "/machine/peripheral/vblk0/virtio-backend", 0,
                 "Desc index is 300 > queue size 256"))
-            ev = await listener.get()
+            ev: dict[str, Any] = dict(await listener.get())
             assert ev["event"] == "X_QIOTHREAD_DEVICE_BROKEN"
             assert ev["data"]["queue"] == 0
-            assert await qmp.execute("quit") == {}
-            ev = await listener.get()
+            assert await call(qmp, "quit") == {}
+            ev = dict(await listener.get())
             assert ev["event"] == "SHUTDOWN"
             assert ev["data"] == {"guest": False,
                                   "reason": "host-qmp-quit"}
@@ -117,7 +128,7 @@ def test_several_qmpclients_at_once(server: QMPServer) -> None:
             got = []
             for _ in range(20):
                 got += [t["id"] for t in
-                        await qmp.execute("query-iothreads")]
+                        await call(qmp, "query-iothreads")]
             return got
         finally:
             await qmp.disconnect()
@@ -146,7 +157,7 @@ def test_legacy_sync_client(server: QMPServer, backend: ModelBackend,
         greeting = mon.connect(negotiate=True)
         assert greeting is not None
         assert greeting["QMP"]["version"]["qemu"]["minor"] == 2
-        assert mon.cmd("query-status") == {
+        assert cmd(mon, "query-status") == {
             "running": True, "singlestep": False, "status": "running"}
         rsp = mon.cmd_obj({"execute": "qom-set", "arguments": {
             "path": "/objects/io1", "property": "poll-shrink",
@@ -155,16 +166,16 @@ def test_legacy_sync_client(server: QMPServer, backend: ModelBackend,
             "class": "GenericError",
             "desc": "poll-shrink value must be in range "
                     "[0, 9223372036854775807]"}}
-        mon.cmd("qom-set", path="io1", property="poll-shrink", value=2)
-        assert mon.cmd("qom-get", path="/objects/io1",
+        cmd(mon, "qom-set", path="io1", property="poll-shrink", value=2)
+        assert cmd(mon, "qom-get", path="/objects/io1",
                        property="poll-shrink") == 2
-        block = mon.cmd("query-block")
+        block = cmd(mon, "query-block")
         assert block[0]["inserted"]["image"]["virtual-size"] == 16 << 20
-        stats = mon.cmd("query-blockstats")
+        stats = cmd(mon, "query-blockstats")
         assert stats[0]["stats"]["rd_operations"] == 0
         assert {"rd_merged", "wr_total_time_ns", "flush_operations"} \
             <= set(stats[0]["stats"])
-        poll = mon.cmd("x-query-poll-stats", iothread="io1")
+        poll = cmd(mon, "x-query-poll-stats", iothread="io1")
         assert poll[0]["poll-shrink"] == 2
         backend.emit(MonitorEvent.device_broken("", "vblk0", 1, "bad"))
         ev = mon.pull_event(wait=TIMEOUT)
@@ -215,7 +226,7 @@ def test_qom_set_reaches_the_running_iothread(server: QMPServer) -> None:
         qmp = QMPClient("live")
         await qmp.connect(str(server.path))
         try:
-            io0 = (await qmp.execute("query-iothreads"))[0]
+            io0 = (await call(qmp, "query-iothreads"))[0]
             tid = io0["thread-id"]
             assert tid > 0
             comm = Path(f"/proc/{tid}/comm").read_text().strip()
@@ -225,10 +236,10 @@ def test_qom_set_reaches_the_running_iothread(server: QMPServer) -> None:
                 return qmp.execute("x-query-poll-stats",
                                    {"iothread": "io0"})
             before = (await stats())[0]
-            await qmp.execute("qom-set", {
+            await call(qmp, "qom-set", {
                 "path": "/objects/io0", "property": "poll-max-ns",
                 "value": 0})
-            await qmp.execute("qom-set", {
+            await call(qmp, "qom-set", {
                 "path": "/objects/io0", "property": "poll-max-ns",
                 "value": 65536})
             for _ in range(600):
