@@ -310,6 +310,12 @@ class InputVisitor:
         return self.data[name]
 
     def _keyval_string(self, name: str, value: Any) -> str:
+        """The string a keyval scalar read converts
+        (``qobject_input_get_keyval``)."""
+        if isinstance(value, dict | list):
+            # "x.y=..." where a scalar "x" was wanted.
+            raise ConfigError(
+                f"Parameters '{self._full(name)}.*' are unexpected")
         if not isinstance(value, str):
             raise self._type_error(name, "string")
         return value

@@ -10,8 +10,14 @@ import signal
 import threading
 import time
 
+import pytest
+
 from qiothread.aio import AioContext
 from qiothread.aio_handler import soonest
+from qiothread.errors import ConfigError
+from qiothread.iothread import IOThread
+from qiothread.keyval import parse_option
+from qiothread.qom import ObjectRoot
 
 
 def test_regression_soonest_compares_unsigned() -> None:
@@ -65,3 +71,27 @@ def test_regression_infinite_wait_ends_on_a_signal(fdmon: str) -> None:
     finally:
         signal.signal(signal.SIGUSR1, old)
         ctx.close()
+
+
+@pytest.mark.parametrize("text", [
+    "iothread,id=io0,poll-max-ns.x=1",
+    "iothread,id=io0,poll-max-ns.0=1",
+])
+def test_regression_scalar_given_as_object_on_command_line(
+        text: str) -> None:
+    """The keyval visitor (qobject_input_get_keyval) answers a nested
+    object or list where it wants a scalar with "Parameters 'x.*' are
+    unexpected", not with a JSON type error."""
+    root = ObjectRoot({"iothread": IOThread})
+    with pytest.raises(ConfigError) as e:
+        root.object_add(parse_option(text, "qom-type"))
+    assert str(e.value) == "Parameters 'poll-max-ns.*' are unexpected"
+    assert root.objects == {}
+
+
+def test_regression_bool_given_as_object_on_command_line() -> None:
+    v = parse_option("x.y=on,z=off").visitor()
+    assert v.type_bool("z") is False
+    with pytest.raises(ConfigError) as e:
+        v.type_bool("x")
+    assert str(e.value) == "Parameters 'x.*' are unexpected"
