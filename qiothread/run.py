@@ -62,12 +62,18 @@ from qiothread.report.model import RunReport
 from qiothread.vmconfig import MachineConfig
 
 __all__ = [
+    "DEFAULT_DURATION",
     "DEFAULT_IMAGE_SIZE",
     "DEFAULT_JOB",
+    "Progress",
     "RunPlan",
+    "build_report",
     "default_image_path",
+    "ensure_default_image",
+    "execute",
     "main",
     "plan_run",
+    "write_outputs",
 ]
 
 #: Size of the default image: large enough that 4k random reads miss
