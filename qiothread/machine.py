@@ -290,11 +290,12 @@ class Machine:
 
     def _open_nodes(self) -> None:
         for node in self.config.nodes:
-            if not any(self.config.node(d.drive) is node
-                       for d in self.config.devices):
+            users = [d for d in self.config.devices
+                     if self.config.node(d.drive) is node]
+            if not users:
                 continue
             try:
-                bs = open_blockdev(self._node_options(node))
+                bs = open_blockdev(self._node_options(node, users[0]))
                 self.sup.callback(bs.close)
                 if node.format_node is not None:
                     raw = open_blockdev(
@@ -307,9 +308,16 @@ class Machine:
             self.nodes[node.name] = bs
 
     @staticmethod
-    def _node_options(node: BlockNodeConfig) -> dict[str, Any]:
+    def _node_options(node: BlockNodeConfig, dev: DeviceConfig
+                      ) -> dict[str, Any]:
+        """The node's options with the write cache the guest sees: the
+        device's ``write-cache=on|off`` wins, ``auto`` follows the drive
+        (``-drive cache=writethrough|directsync`` turn it off), as the
+        BlockBackend's write cache does in QEMU."""
         opts = dict(node.options)
-        if node.writethrough:
+        if dev.write_cache != "auto":
+            opts["write-cache"] = dev.write_cache == "on"
+        elif node.writethrough:
             opts["write-cache"] = False
         return opts
 

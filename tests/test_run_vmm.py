@@ -117,3 +117,25 @@ def test_mapping_sizes(nqueues: int) -> None:
             shared.acct_words(q)[_IX["rd_operations"]] = q + 1
         for q in range(nqueues):
             assert shared.read_acct(q)["rd_operations"] == q + 1
+
+
+@pytest.mark.parametrize(("drive_cache", "device_wc", "expect"), [
+    ("writeback", "auto", None),
+    ("writethrough", "auto", False),
+    ("directsync", "auto", False),
+    ("writethrough", "on", True),
+    ("none", "off", False),
+])
+def test_write_cache_the_guest_sees(drive_cache: str, device_wc: str,
+                                    expect: bool | None) -> None:
+    from qiothread.machine import Machine
+    from qiothread.options import build_machine_config
+    from qiothread.qemu_opts import split_argv
+
+    qemu, _ = split_argv([
+        "-drive", f"if=none,id=d0,file=/tmp/x,format=raw,"
+                  f"cache={drive_cache}",
+        "-device", f"virtio-blk-pci,drive=d0,write-cache={device_wc}"])
+    cfg = build_machine_config(qemu, 1)
+    opts = Machine._node_options(cfg.nodes[0], cfg.devices[0])
+    assert opts.get("write-cache") is expect
