@@ -52,7 +52,7 @@ def test_regression_avail_idx_store_is_never_seen_torn() -> None:
         last = vq._avail_idx()
         moved = 0
         # Enough observed stores to have caught the old bug every time
-        # (it showed within ~20000), bounded in time for a busy machine.
+        # (pack_into shows 0 within a few hundred), bounded in time.
         deadline = time.monotonic() + 10.0
         while moved < 30_000 and time.monotonic() < deadline:
             for _ in range(1000):
