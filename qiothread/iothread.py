@@ -322,9 +322,20 @@ class IOThread(EventLoopBase):
         # The loop applies these before it starts, as iothread_init does
         # before it creates the thread.
         self._write_params(pool=True)
-        self.child = self._supervisor.start(
-            f"iothread '{self.id}'", self._loop_main,
-            comm=f"IO {self.id}", stop_request=self._request_stop)
+        sup = self._supervisor
+        try:
+            self.child = sup.start(
+                f"iothread '{self.id}'", self._loop_main,
+                comm=f"IO {self.id}", stop_request=self._request_stop)
+        except BaseException:
+            # Interrupted (Ctrl-C) after the fork: keep hold of our
+            # child so that finalize stops it now, while the parameter
+            # block its stop request goes through still exists.
+            for c in sup.children:
+                if (c._stop_request == self._request_stop
+                        and c.returncode is None):
+                    self.child = c
+            raise
         self.thread_id = int(self.child.info["thread_id"])
 
     def _write_params(self, pool: bool) -> None:
@@ -383,8 +394,10 @@ class IOThread(EventLoopBase):
     def finalize(self) -> None:
         """Stop and release everything (``object-del``, end of run)."""
         try:
+            was_ready = self.child is not None and bool(self.child.info)
             rc = self.stop()
-            if rc not in (None, 0):
+            # (One interrupted before it was ready is killed: no news.)
+            if rc not in (None, 0) and was_ready:
                 # A crash was (or will be) reported by check(); this
                 # only leaves a trace in the log of how it ended.
                 assert self.child is not None

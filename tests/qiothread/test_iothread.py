@@ -394,6 +394,20 @@ def test_stop_kills_an_iothread_stuck_in_a_callback(
     assert io.stop(timeout=0.3) == -signal.SIGKILL
 
 
+def test_stop_ends_a_sigstopped_iothread(root: ObjectRoot) -> None:
+    """A stopped process answers no stop request; SIGKILL still ends
+    it (and it is reaped, not left as a zombie)."""
+    io = add(root, "iothread,id=io0")
+    assert io.child is not None
+    pid, st = io.child.pid, proc_start_time(io.child.pid)
+    assert st is not None
+    io.child.send_signal(signal.SIGSTOP)
+    wait_until(lambda: Path(f"/proc/{pid}/stat").read_text()
+               .rsplit(")", 1)[1].split()[0] == "T")
+    assert io.stop(timeout=0.3) == -signal.SIGKILL
+    assert_gone([(pid, st)])
+
+
 def test_object_del_refused_while_in_use(root: ObjectRoot) -> None:
     io = add(root, "iothread,id=io0")
     io.users += 1

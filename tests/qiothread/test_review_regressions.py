@@ -17,6 +17,7 @@ from qiothread.aio_handler import soonest
 from qiothread.errors import ConfigError
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
+from qiothread.process import Child, Supervisor
 from qiothread.qom import ObjectRoot
 
 
@@ -95,3 +96,33 @@ def test_regression_bool_given_as_object_on_command_line() -> None:
     with pytest.raises(ConfigError) as e:
         v.type_bool("x")
     assert str(e.value) == "Parameters 'x.*' are unexpected"
+
+
+def test_regression_ctrl_c_right_after_ready_stops_the_iothread(
+        monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Ctrl-C during ``-object iothread`` start, in the instant after
+    the ready handshake and before IOThread kept its Child: finalize
+    must still stop that process politely, at once.  It used to be
+    left to the supervisor, whose stop request then failed on the
+    released parameter block and waited 10 s before SIGKILL."""
+    real = Supervisor._wait_ready
+
+    def ready_then_interrupted(self: Supervisor, child: Child,
+                               timeout: float) -> None:
+        real(self, child, timeout)
+        raise KeyboardInterrupt
+
+    with Supervisor() as sup:
+        root = ObjectRoot({"iothread": IOThread}, sup)
+        monkeypatch.setattr(Supervisor, "_wait_ready",
+                            ready_then_interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            root.object_add(parse_option("iothread,id=io0", "qom-type"))
+        monkeypatch.undo()
+        assert root.objects == {}
+        [child] = sup.children
+        # Stopped by its own oneshot BH, exit status 0, and reaped.
+        assert child.returncode == 0
+    assert not [r for r in caplog.records if r.levelname in
+                ("WARNING", "ERROR")], caplog.text
