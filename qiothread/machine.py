@@ -65,7 +65,6 @@ from qiothread.process import Child, ReadyChannel, Supervisor
 from qiothread.qemu_opts import OptionError
 from qiothread.qom import ObjectRoot
 from qiothread.report.model import (
-    CpuUsage,
     IOThreadStats,
     JobResult,
     QueueStats,
@@ -73,6 +72,7 @@ from qiothread.report.model import (
 from qiothread.vmconfig import BlockNodeConfig, DeviceConfig, MachineConfig
 from qiothread.vmm_acct import AccountedNode
 from qiothread.vmm_shared import ACCT_FIELDS, ENGINES, VmmShared
+from qiothread.vmm_stats import iothread_stats
 from virtio.blk import BlockBackend, QueueSetup, VirtIOBlock
 from virtio.blk_defs import VirtIOBlkConf
 from virtio.driver import DRIVER_STATS_SIZE, alloc_vring, read_driver_stats
@@ -195,49 +195,6 @@ def _memory_size(config: MachineConfig, jobs: list[JobOptions]) -> int:
     for j in jobs:
         total += j.iodepth * max(j.bs) + 8192
     return total
-
-
-def _cpu_of(tid: int) -> CpuUsage | None:
-    """CPU time of thread ``tid`` so far: the iothread's loop thread,
-    as ``pidstat -t`` shows an IOThread (pool workers are threads of
-    their own, in QEMU too).
-
-    Taskstats over netlink (pyroute2) first, microseconds; the thread's
-    ``/proc`` entry (clock ticks) where netlink is refused.
-    """
-    try:
-        from pyroute2 import TaskStats
-
-        ts = TaskStats()
-        try:
-            ts.bind()
-            msg = ts.get_pid_stat(tid)[0]
-        finally:
-            ts.close()
-        st = msg.get_attr("TASKSTATS_TYPE_AGGR_PID").get_attr(
-            "TASKSTATS_TYPE_STATS")
-        return CpuUsage(user_s=st["ac_utime"] / 1e6,
-                        system_s=st["ac_stime"] / 1e6,
-                        ctx=st["nvcsw"] + st["nivcsw"],
-                        majf=st["ac_majflt"], minf=st["ac_minflt"])
-    except Exception:
-        log.debug("taskstats of %d failed; reading /proc", tid,
-                  exc_info=True)
-    try:
-        base = f"/proc/{tid}/task/{tid}"
-        with open(f"{base}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"{base}/status", encoding="ascii") as f:
-            status = dict(line.split(":", 1) for line in f
-                          if ":" in line)
-    except OSError:
-        return None
-    hz = os.sysconf("SC_CLK_TCK")
-    ctx = sum(int(status.get(k, "0").strip() or 0) for k in
-              ("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"))
-    return CpuUsage(user_s=int(fields[11]) / hz,
-                    system_s=int(fields[12]) / hz, ctx=ctx,
-                    majf=int(fields[9]), minf=int(fields[7]))
 
 
 class Machine:
@@ -601,8 +558,7 @@ class Machine:
             with contextlib.suppress(FileNotFoundError), \
                     open(path, "rb") as f:
                 results.append(pickle.load(f))
-        threads = [self._iothread_stats(i, t)
-                   for i, t in self.iothreads.items()]
+        threads = [iothread_stats(i, t) for i, t in self.iothreads.items()]
         queues = []
         guest_counters = []
         for s in self.queues:
@@ -625,23 +581,3 @@ class Machine:
         engines = {name: self.engine_in_use(name) for name in self.nodes}
         return MachineOutcome(results, threads, queues, broken,
                               interrupted, errors, engines, guest_counters)
-
-    @staticmethod
-    def _iothread_stats(ident: str, t: IOThread) -> IOThreadStats:
-        snap = t.poll_stats()
-        hist = {(0 if k == 0 else 1 << (k - 1)): ns
-                for k, ns in snap["poll_ns_hist"].items()}
-        # The loop runs in the process's main thread: tid == pid.
-        pid = t.child.pid if t.child is not None else 0
-        return IOThreadStats(
-            id=ident, thread_id=t.thread_id,
-            poll_max_ns=t.get("poll-max-ns"),
-            poll_grow=t.get("poll-grow"),
-            poll_shrink=t.get("poll-shrink"),
-            poll_ns_time=hist, grow_count=snap["grow"],
-            shrink_count=snap["shrink"],
-            poll_progress=snap["poll_progress"],
-            poll_timeout=snap["poll_timeouts"],
-            blocking_waits=snap["blocking_waits"],
-            polling_ns=snap["ns_polling"], blocked_ns=snap["ns_blocked"],
-            cpu=_cpu_of(pid) if pid else None)

@@ -139,3 +139,29 @@ def test_write_cache_the_guest_sees(drive_cache: str, device_wc: str,
     cfg = build_machine_config(qemu, 1)
     opts = Machine._node_options(cfg.nodes[0], cfg.devices[0])
     assert opts.get("write-cache") is expect
+
+
+def test_poll_ns_values_of_qemus_rule() -> None:
+    from qiothread.vmm_stats import poll_ns_values
+
+    # QEMU's defaults: 0, 4000 and doubling, capped at 32768.
+    assert poll_ns_values(32768, 0, 0) == {0, 4000, 8000, 16000, 32000,
+                                           32768}
+    assert poll_ns_values(0, 0, 0) == {0}
+    assert poll_ns_values(100000, 4, 0) == {0, 4000, 16000, 64000,
+                                            100000}
+    # Halving on the way down reaches the powers of two below the cap.
+    assert {16384, 8192, 2000} <= poll_ns_values(32768, 0, 2)
+
+
+def test_poll_ns_buckets_get_exact_values_where_unambiguous() -> None:
+    from qiothread.vmm_stats import _label, poll_ns_values
+
+    # bucket k: values with bit_length() == k (qiothread.stats).
+    hist = {0: 5, 12: 7, 15: 11, 16: 13}
+    assert _label(hist, poll_ns_values(32768, 0, 0)) == {
+        0: 5, 4000: 7, 32000: 11, 32768: 13}
+    # Without a known rule: the buckets' lower bounds.
+    assert _label(hist, None) == {0: 5, 2048: 7, 16384: 11, 32768: 13}
+    # Two reachable values in one bucket: its lower bound.
+    assert _label({15: 3}, {20000, 30000}) == {16384: 3}
