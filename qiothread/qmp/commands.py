@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from qiothread.errors import ConfigError, QMPCommandError
-from qiothread.qmp import protocol
+from qiothread.qmp import hmp, protocol
 from qiothread.qmp.backend import (
     BlockDeviceInfo,
     BlockDeviceStats,
@@ -318,6 +318,17 @@ def _x_query_poll_stats(d: Dispatcher, s: Session, a: _Args) -> Any:
     return [_poll_stats(p) for p in stats]
 
 
+def _human_monitor_command(d: Dispatcher, s: Session, a: _Args) -> Any:
+    line = a.get("command-line", str)
+    a.get("cpu-index", int, required=False)
+    a.check()
+
+    def query(name: str, args: dict[str, Any]) -> Any:
+        return COMMANDS[name](d, s, _Args(args))
+
+    return hmp.human_monitor_command(query, line)
+
+
 #: Every command, in the order ``query-commands`` lists them.
 COMMANDS: dict[str, Handler] = {
     "qmp_capabilities": _qmp_capabilities,
@@ -334,6 +345,7 @@ COMMANDS: dict[str, Handler] = {
     "query-blockstats": _query_blockstats,
     "quit": _quit,
     "x-query-poll-stats": _x_query_poll_stats,
+    "human-monitor-command": _human_monitor_command,
 }
 
 
