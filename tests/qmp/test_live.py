@@ -267,8 +267,12 @@ def test_chardev_monitor_and_legacy_client(tmp_path: Path,
 def test_shutdown_event_when_the_job_ends(tmp_path: Path,
                                           image: Path) -> None:
     """A job that runs out is QEMU's guest powering off: SHUTDOWN with
-    ``guest`` true, then the socket closes and the result is written."""
-    proc = _start_run(tmp_path, image, runtime=1)
+    ``guest`` true, then the socket closes and the result is written.
+    ``wait=on`` holds the run until the client is there, as in QEMU, so
+    the one-second job cannot end before the test listens."""
+    sock = tmp_path / "qmp.sock"
+    proc = _start_run(tmp_path, image, runtime=1, monitor=[
+        "-qmp", f"unix:{sock},server=on,wait=on"])
 
     async def wait_shutdown() -> dict[str, Any]:
         qmp = await _connect(tmp_path / "qmp.sock", proc)
@@ -287,5 +291,6 @@ def test_shutdown_event_when_the_job_ends(tmp_path: Path,
             proc.communicate()
     assert ev["data"] == {"guest": True, "reason": "guest-shutdown"}
     assert proc.returncode == 0, err
+    assert f"waiting for a QMP client on {sock}" in err
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["jobs"][0]["read"]["total_ios"] > 0
