@@ -188,10 +188,16 @@ def _qmp_capabilities(d: Dispatcher, s: Session, a: _Args) -> Any:
         raise QMPCommandError(
             "Capabilities negotiation is already complete, command "
             "ignored", ErrorClass.COMMAND_NOT_FOUND.value)
-    for cap in enable or ():
-        if cap != "oob":
+    for i, cap in enumerate(enable or ()):
+        if not isinstance(cap, str):
             raise QMPCommandError(
-                f"Parameter 'enable' does not accept value '{cap}'")
+                f"Invalid parameter type for 'enable[{i}]', expected: "
+                "string")
+        if cap != "oob":
+            # QEMU's enum visitor names list elements 'null'.
+            raise QMPCommandError(
+                f"Parameter 'null' does not accept value '{cap}'")
+    if enable:
         # We offer no capability (the greeting's list is empty).
         raise QMPCommandError("Capability oob not available")
     s.negotiated = True

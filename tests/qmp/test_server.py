@@ -82,6 +82,10 @@ def test_oob_is_not_offered(server: QMPServer) -> None:
         c.recv()
         assert c.cmd("qmp_capabilities", {"enable": ["oob"]}) == error(
             "Capability oob not available")
+        assert c.cmd("qmp_capabilities", {"enable": [1]}) == error(
+            "Invalid parameter type for 'enable[0]', expected: string")
+        assert c.cmd("qmp_capabilities", {"enable": "oob"}) == error(
+            "Invalid parameter type for 'enable', expected: array")
         assert c.cmd("qmp_capabilities") == {"return": {}}
         c.send({"exec-oob": "query-status"})
         assert c.recv() == error(
