@@ -123,16 +123,25 @@ class FilePosixNode:
     # -- open ----------------------------------------------------------
 
     def _open(self) -> int:
+        # raw_open_common's order: open, then the aio=native rule, then
+        # the file type; so a missing file is reported as such even
+        # with aio=native and no cache.direct.
         flags = os.O_RDONLY if self.read_only else os.O_RDWR
         if self.direct:
             flags |= os.O_DIRECT
+        fd = _qemu_open(self.filename, flags)
         try:
-            fd = os.open(self.filename, flags)
-        except OSError as exc:
-            raise BlockError(
-                f"Could not open '{self.filename}': {exc.strerror}"
-            ) from exc
-        st = os.fstat(fd)
+            if self.aio_requested == "native" and not self.direct:
+                raise ConfigError(
+                    "aio=native was specified, but it requires "
+                    "cache.direct=on, which was not specified.")
+            self._check_type(os.fstat(fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_type(self, st: os.stat_result) -> None:
         if self.opts.driver == "host_device":
             ok = stat.S_ISBLK(st.st_mode) or stat.S_ISCHR(st.st_mode)
             msg = "to be either a character or block device"
@@ -140,10 +149,8 @@ class FilePosixNode:
             ok = stat.S_ISREG(st.st_mode)
             msg = "to be a regular file"
         if not ok:
-            os.close(fd)
             raise ConfigError(f"'{self.opts.driver}' driver requires "
                               f"'{self.filename}' {msg}")
-        return fd
 
     def _probe(self) -> None:
         self.is_blkdev = host.is_block_device(self.fd)
@@ -334,6 +341,29 @@ class FilePosixNode:
     def __repr__(self) -> str:
         return (f"<FilePosixNode {self.node_name} {self.filename} "
                 f"aio={self.aio} direct={self.direct}>")
+
+
+def _qemu_open(filename: str, flags: int) -> int:
+    """``qemu_open``: open, with QEMU's messages for its failures.
+
+    A filesystem that refuses O_DIRECT fails the open with EINVAL; QEMU
+    then tries again without O_DIRECT only to tell that case apart, and
+    says so instead of "Invalid argument".
+    """
+    try:
+        return os.open(filename, flags)
+    except OSError as exc:
+        reason = exc.strerror
+        if exc.errno == errno.EINVAL and flags & os.O_DIRECT:
+            try:
+                os.close(os.open(filename,
+                                 flags & ~os.O_DIRECT))
+            except OSError:
+                pass
+            else:
+                reason = "filesystem does not support O_DIRECT"
+        raise BlockError(
+            f"Could not open '{filename}': {reason}") from exc
 
 
 def _start_engine(aio: str, ctx: AioContextLike) -> AioEngine | None:

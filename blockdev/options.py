@@ -176,6 +176,15 @@ def _discard(opts: Mapping[str, object]) -> bool:
     return _DISCARD[str(val)]
 
 
+def _enum(opts: Mapping[str, object], key: str,
+          values: tuple[str, ...]) -> None:
+    """A QAPI enum option: only its values (accepted, not acted on)."""
+    val = opts.get(key)
+    if val is not None and val not in values:
+        raise ConfigError(
+            f"Parameter '{key}' does not accept value '{val}'")
+
+
 def _faults(opts: Mapping[str, object]) -> FaultSpec | None:
     sub = {k[len("faults."):]: str(v) for k, v in opts.items()
            if k.startswith("faults.")}
@@ -189,10 +198,10 @@ def _open_file(opts: Mapping[str, object]) -> FilePosixNode:
         raise ConfigError("Parameter 'filename' is missing")
     aio = parse_aio(opts.get("aio", "threads"))
     direct = _bool(opts, "cache.direct", False)
-    if aio == "native" and not direct:
-        raise ConfigError(
-            "aio=native was specified, but it requires cache.direct=on, "
-            "which was not specified.")
+    _enum(opts, "locking", ("off", "on", "auto"))
+    _enum(opts, "detect-zeroes", ("off", "on", "unmap"))
+    # aio=native without cache.direct is refused by FilePosixNode, after
+    # the open, where QEMU's raw_open_common checks it.
     node_name = str(opts.get("node-name") or f"#block{next(_node_ids)}")
     return FilePosixNode(FileOptions(
         filename=str(opts["filename"]),
@@ -232,6 +241,7 @@ def open_blockdev(options: Mapping[str, object],
                   if k.startswith("file.")}
     top = {k: v for k, v in opts.items() if not k.startswith("file.")}
     _check_keys(top, _RAW_KEYS)
+    _enum(top, "detect-zeroes", ("off", "on", "unmap"))
     if child_opts:
         for key in ("read-only", "cache.direct", "cache.no-flush",
                     "discard"):

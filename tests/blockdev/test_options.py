@@ -205,3 +205,69 @@ def test_flush_modes(image: Path, ctx: Any, tmp_path: Path,
         node.close()
     seen = [int(ln.split()[-1]) for ln in out.read_text().splitlines()]
     assert seen == types
+
+
+def _open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def test_regression_odirect_refused_gives_qemus_message() -> None:
+    """A filesystem without O_DIRECT said "Invalid argument".
+
+    QEMU's qemu_open retries without O_DIRECT to tell this case apart.
+    procfs refuses O_DIRECT at open (as tmpfs did before Linux 6.6) and
+    its files are regular files, so it stands in for such a filesystem.
+    """
+    path = "/proc/self/status"
+    with pytest.raises(OSError) as refused:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    assert refused.value.errno == errno.EINVAL
+    before = _open_fds()
+    with pytest.raises(BlockError) as exc:
+        open_blockdev({"driver": "file", "filename": path,
+                       "read-only": "on", "cache.direct": "on"})
+    assert str(exc.value) == (f"Could not open '{path}': filesystem does "
+                              "not support O_DIRECT")
+    assert _open_fds() <= before
+
+
+def test_regression_open_error_comes_before_the_aio_native_rule(
+        workdir: Path, image: Path) -> None:
+    """aio=native without cache.direct was refused before the open.
+
+    raw_open_common opens first, then checks aio=native, then the file
+    type: a missing file is reported as missing, and a directory opened
+    read-only meets the aio=native rule before the regular-file rule.
+    """
+    missing = workdir / "missing.img"
+    with pytest.raises(BlockError) as exc:
+        open_blockdev({"driver": "file", "filename": str(missing),
+                       "aio": "native"})
+    assert str(exc.value) == (f"Could not open '{missing}': No such file "
+                              "or directory")
+    before = _open_fds()
+    with pytest.raises(ConfigError) as exc2:
+        open_blockdev({"driver": "file", "filename": str(workdir),
+                       "aio": "native", "read-only": "on"})
+    assert str(exc2.value) == ("aio=native was specified, but it requires "
+                               "cache.direct=on, which was not specified.")
+    with pytest.raises(ConfigError) as exc3:
+        open_blockdev({"driver": "file", "filename": str(image),
+                       "aio": "native"})
+    assert str(exc3.value) == str(exc2.value)
+    assert _open_fds() <= before
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("locking", "bogus"), ("detect-zeroes", "always")])
+def test_regression_enum_options_are_checked(image: Path, key: str,
+                                             value: str) -> None:
+    """locking= and detect-zeroes= took any value without a word."""
+    with pytest.raises(ConfigError) as exc:
+        open_blockdev({"driver": "file", "filename": str(image),
+                       key: value})
+    assert str(exc.value) == (f"Parameter '{key}' does not accept value "
+                              f"'{value}'")
+    for ok in ("off", "on"):
+        open_blockdev({"driver": "file", "filename": str(image),
+                       key: ok}).close()
