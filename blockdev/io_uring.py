@@ -42,6 +42,7 @@ from blockdev.raw_aio import (
     iov_memset,
 )
 from qiothread import trace_events as trace
+from qiothread.defer_call import deferred_calls
 from qiothread.errors import BlockError
 
 try:
@@ -296,9 +297,11 @@ class LuringState:
             luringcb.cb(ret)
 
     def _process_completions_and_submit(self) -> None:
-        self._process_completions()
-        if not self.plugged and self.in_queue > 0:
-            self._ioq_submit()
+        # QEMU 8.2+: one defer section per batch (see linux_aio).
+        with deferred_calls():
+            self._process_completions()
+            if not self.plugged and self.in_queue > 0:
+                self._ioq_submit()
 
     def _completion_bh(self) -> None:
         deferred, self._deferred = self._deferred, []

@@ -51,6 +51,7 @@ from blockdev.raw_aio import (
     iov_memset,
 )
 from qiothread.barrier import full_barrier
+from qiothread.defer_call import deferred_calls
 from qiothread.errors import BlockError
 from qiothread.event_notifier import EventNotifier
 
@@ -346,9 +347,13 @@ class LinuxAioState:
             laiocb.cb(ret)
 
     def _process_completions_and_submit(self) -> None:
-        self._process_completions()
-        if not self.plugged and self.pending:
-            self._ioq_submit()
+        # QEMU 8.2+: one defer section around the batch, so a device
+        # that defers its guest notification (poll-policy=8.2) writes
+        # the irqfd once for every request completed here.
+        with deferred_calls():
+            self._process_completions()
+            if not self.plugged and self.pending:
+                self._ioq_submit()
 
     def _completion_bh(self) -> None:
         deferred, self._deferred = self._deferred, []

@@ -88,6 +88,7 @@ from dataclasses import dataclass
 
 from blockdev.raw_aio import AioContextLike, BHLike, CompletionCB
 from qiothread import trace_events as trace
+from qiothread.defer_call import deferred_calls
 from qiothread.event_notifier import EventNotifier
 
 __all__ = [
@@ -281,6 +282,12 @@ class ThreadPool:
         self.new_thread_bh.delete()
 
     def _completion_bh(self) -> None:
+        # QEMU 8.2+: one defer section per run of the BH, so deferred
+        # guest notifications (poll-policy=8.2) cover the whole batch.
+        with deferred_calls():
+            self._complete_done()
+
+    def _complete_done(self) -> None:
         restart = True
         while restart:
             restart = False

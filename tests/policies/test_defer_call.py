@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -112,3 +113,63 @@ def test_a_failing_call_does_not_stop_the_others() -> None:
         defer_call(lambda: log.append("ran"))
     assert log == ["ran"]
     assert defer_call_nesting() == 0
+
+
+@pytest.mark.parametrize("defer", [True, False])
+def test_thread_pool_completions_run_in_one_defer_section(
+        defer: bool) -> None:
+    """8.2: the pool's completion BH is one section, so a notification
+    deferred by each of 8 completed requests is written once."""
+    from blockdev.thread_pool import ThreadPool, ThreadPoolState
+    from qiothread.aio import AioContext
+    from qiothread.event_notifier import EventNotifier
+
+    ctx = AioContext()
+    pool = ThreadPool(ctx)
+    irqfd = EventNotifier()
+    writes = 0
+
+    def notify_irqfd() -> None:
+        nonlocal writes
+        writes += 1
+        irqfd.set()
+
+    done = 0
+
+    def complete(ret: int) -> None:
+        nonlocal done
+        done += 1
+        if defer:
+            defer_call(notify_irqfd)
+        else:
+            notify_irqfd()
+
+    gate = threading.Event()
+
+    def work() -> int:
+        gate.wait()
+        return 0
+
+    def wait_for(state: ThreadPoolState, loop: bool) -> None:
+        deadline = time.monotonic() + 60
+        while not all(r.state is state for r in pool.head):
+            assert time.monotonic() < deadline
+            if loop:
+                ctx.aio_poll(False)     # the pool spawns workers by BH
+            time.sleep(0.001)
+
+    try:
+        for _ in range(8):
+            pool.submit(work, complete)
+        # All 8 on workers, then all 8 finished, before the loop looks.
+        wait_for(ThreadPoolState.ACTIVE, loop=True)
+        gate.set()
+        wait_for(ThreadPoolState.DONE, loop=False)
+        while done < 8:
+            ctx.aio_poll(True)
+        assert writes == (1 if defer else 8)
+        assert irqfd.test_and_clear()
+    finally:
+        pool.close()
+        irqfd.close()
+        ctx.close()
