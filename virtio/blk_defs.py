@@ -19,6 +19,7 @@ defaults and their error messages (reference §15.1).
 from __future__ import annotations
 
 import enum
+import string
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -125,20 +126,47 @@ def _parse_bool(name: str, value: str | int | bool) -> bool:
     raise ConfigError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
+_C_SPACE = " \t\n\v\f\r"
+_U64_MAX = (1 << 64) - 1
+
+
+def _strtou64(text: str) -> int | None:
+    """``qemu_strtou64(text, NULL, 0, ...)``: None where QEMU fails.
+
+    As ``strtoull`` with base 0: leading C whitespace, a sign, then
+    ``0x`` hex, a leading ``0`` octal, or decimal; the whole string must
+    be consumed; a minus sign negates modulo 2**64; out of range is an
+    error (ERANGE).  Python's ``int(x, 0)`` differs on each of "010",
+    "0o7", "1_0" and trailing blanks, hence this.
+    """
+    s = text.lstrip(_C_SPACE)
+    neg = s[:1] == "-"
+    if s[:1] in "+-" and s:
+        s = s[1:]
+    if s[:2].lower() == "0x" and s[2:3] and s[2] in string.hexdigits:
+        digits, base = s[2:], 16
+    elif s[:1] == "0":
+        digits, base = s, 8
+    else:
+        digits, base = s, 10
+    allowed = string.hexdigits if base == 16 else string.digits[:base]
+    if not digits or any(c not in allowed for c in digits):
+        return None
+    n = int(digits, base)
+    if n > _U64_MAX:
+        return None
+    return -n & _U64_MAX if neg else n
+
+
 def _parse_uint(name: str, value: str | int, bits: int) -> int:
     if isinstance(value, bool):
         raise ConfigError(f"Parameter '{name}' expects integer")
     if isinstance(value, int):
-        n = value
+        n: int | None = value & _U64_MAX if value < 0 else value
     else:
-        try:
-            # qemu_strtou64 takes any base prefix, and "-1" wraps.
-            n = int(value, 0)
-        except ValueError:
-            raise ConfigError(
-                f"Parameter '{name}' expects integer") from None
-    if n < 0:
-        n &= (1 << 64) - 1
+        n = _strtou64(value)
+    if n is None or n > _U64_MAX:
+        raise ConfigError(f"Parameter '{name}' expects integer")
     if n >= 1 << bits:
         raise ConfigError(f"Parameter '{name}' expects uint{bits}_t")
     return n
@@ -228,10 +256,6 @@ class VirtIOBlkConf:
                 if transport == "pci" else 1)
         if not self.num_queues:
             raise ConfigError("num-queues property must be larger than 0")
-        if self.num_queues > VIRTIO_QUEUE_MAX:
-            # QEMU 7.2 has no message here: virtio_add_queue aborts.
-            raise ConfigError(
-                f"num-queues property must be at most {VIRTIO_QUEUE_MAX}")
         if self.queue_size <= 2:
             raise ConfigError(
                 f"invalid queue-size property ({self.queue_size}), "
@@ -254,6 +278,11 @@ class VirtIOBlkConf:
                 "invalid max-write-zeroes-sectors property "
                 f"({self.max_write_zeroes_sectors}), must be between 1 "
                 f"and {BDRV_REQUEST_MAX_SECTORS}")
+        if self.num_queues > VIRTIO_QUEUE_MAX:
+            # QEMU 7.2 has no message here: virtio_add_queue aborts,
+            # after realize has checked everything else.
+            raise ConfigError(
+                f"num-queues property must be at most {VIRTIO_QUEUE_MAX}")
 
     @property
     def seg_max(self) -> int:

@@ -37,7 +37,7 @@ from types import TracebackType
 from qiothread.barrier import SharedU64
 from qiothread.errors import ConfigError
 
-__all__ = ["GuestMemory"]
+__all__ = ["FIRST_ADDR", "GuestMemory"]
 
 log = logging.getLogger(__name__)
 

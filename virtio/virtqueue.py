@@ -45,7 +45,7 @@ from qiothread import trace_events as trace
 from qiothread.barrier import full_barrier
 from qiothread.errors import VirtioError
 from qiothread.event_notifier import EventNotifier
-from virtio.memory import GuestMemory
+from virtio.memory import FIRST_ADDR, GuestMemory
 from virtio.ring import (
     DESC,
     USED_ELEM,
@@ -328,7 +328,7 @@ class VirtQueue:
         if flags & _INDIRECT:
             if not length or length % 16:
                 raise self._error("Invalid size for indirect buffer table")
-            if addr + length > size:
+            if addr < FIRST_ADDR or addr + length > size:
                 raise self._error("Cannot map indirect buffer")
             table = addr
             limit = length // 16
@@ -355,7 +355,11 @@ class VirtQueue:
             if len(sg) == max_sg:
                 raise self._error(
                     "virtio: too many write descriptors in indirect table")
-            if addr + length > size:
+            # Page 0 holds the allocator's header shared by every
+            # process: it is not guest RAM, and a guest that points a
+            # buffer there is refused as QEMU refuses an address that
+            # maps no RAM.
+            if addr < FIRST_ADDR or addr + length > size:
                 raise self._error(
                     "virtio: bogus descriptor or out of resources")
             sg.append(mv[addr:addr + length])
@@ -382,6 +386,10 @@ class VirtQueue:
         """``virtqueue_fill``: write used element ``used_idx + idx``."""
         if trace.virtqueue_fill.enabled:
             trace.virtqueue_fill(self, elem, length, idx)
+        if self.vdev.broken:
+            # virtio_device_disabled: a broken device writes nothing
+            # more into the used ring (flush still does the accounting).
+            return
         slot = (self.used_idx + idx) % self.num
         USED_ELEM.pack_into(self._buf, self.used + 4 + 8 * slot,
                             elem.index, length)

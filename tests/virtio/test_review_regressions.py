@@ -1,0 +1,248 @@
+"""Regressions found by reviewing virtio/ against QEMU 7.2.
+
+Each test names the divergence it pins down; all drive the real ring
+in real shared memory.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from qiothread.errors import ConfigError
+from tests.virtio.harness import make_disk, raw_driver
+from tests.virtio.test_virtqueue import IND, N_, W, make_q
+from virtio.blk_defs import OUTHDR, VirtIOBlkConf
+from virtio.blk_defs import VirtioBlkStatus as S
+from virtio.blk_defs import VirtioBlkType as T
+from virtio.memory import FIRST_ADDR
+from virtio.ring import USED_ELEM
+
+# -- a broken device writes nothing more into the used ring --------------
+
+
+def test_regression_fill_into_a_broken_device_writes_no_used_element(
+) -> None:
+    q = make_q()
+    try:
+        b = q.buf
+        q.desc(0, b, 16, N_, 1)
+        q.desc(1, b + 64, 1, W)
+        q.publish_raw(0)
+        elem = q.vq.pop()
+        assert elem is not None and q.vq.inuse == 1
+        # A second chain with a zero-length buffer breaks the device
+        # while the first is still in flight.
+        q.desc(2, b, 0, 0)
+        q.publish_raw(2)
+        with pytest.raises(Exception, match="zero sized"):
+            q.vq.pop()
+        assert q.vdev.broken
+        slot0 = q.vq.used + 4
+        USED_ELEM.pack_into(q.mem.buf, slot0, 0xAAAA, 0xBBBB)
+        # The in-flight request completes into the broken device: QEMU's
+        # virtqueue_fill returns at virtio_device_disabled, and flush
+        # only does the accounting.
+        q.vq.push(elem, 17)
+        assert USED_ELEM.unpack_from(q.mem.buf, slot0) == (0xAAAA, 0xBBBB)
+        assert q.u16(q.vq.used + 2) == 0 and q.vq.used_idx == 0
+        assert q.vq.inuse == 0
+    finally:
+        q.kick.close()
+        q.call.close()
+        q.mem.close()
+
+
+def test_regression_blk_completion_after_break_leaves_used_ring_alone(
+) -> None:
+    # End to end: a read in flight in the backend, then a malformed
+    # request breaks the device; the read's completion must publish
+    # nothing, and the malformed element is detached (inuse 0).
+    d = make_disk(guest=False)
+    try:
+        drv = raw_driver(d)
+        hdr, data, st = (d.mem.alloc(16), d.mem.alloc(512),
+                         d.mem.alloc(1))
+        OUTHDR.pack_into(d.mem.buf, hdr, int(T.IN), 0, 0)
+        drv.add([(hdr, 16)], [(data, 512), (st, 1)])
+        drv.add([], [(st, 1)])                 # missing headers: fatal
+        used_before = bytes(d.mem.buf[d.dev.vqs[0].used:
+                                      d.dev.vqs[0].used + 4 + 8 * 16])
+        d.dev.handle_vq(0)
+        assert d.dev.broken_reason == "virtio-blk missing headers"
+        d.settle()
+        assert d.bs.ops["read"] == 1
+        vq = d.dev.vqs[0]
+        assert bytes(d.mem.buf[vq.used:vq.used + 4 + 8 * 16]) == \
+            used_before
+        assert vq.inuse == 0
+    finally:
+        d.close()
+
+
+# -- page 0 is the shared allocator header, not guest RAM ----------------
+
+
+@pytest.mark.parametrize("addr", [0, 8, FIRST_ADDR - 1])
+def test_regression_buffer_in_the_reserved_header_page_is_bogus(
+        addr: int) -> None:
+    q = make_q()
+    try:
+        header = q.mem.read(0, 16)
+        q.desc(0, q.buf, 16, N_, 1)
+        q.desc(1, addr, 1, W)
+        q.publish_raw(0)
+        with pytest.raises(Exception,
+                           match="bogus descriptor or out of resources"):
+            q.vq.pop()
+        assert q.vdev.broken
+        assert q.mem.read(0, 16) == header
+        assert q.vq.inuse == 0
+    finally:
+        q.kick.close()
+        q.call.close()
+        q.mem.close()
+
+
+def test_regression_indirect_table_in_the_header_page_cannot_be_mapped(
+) -> None:
+    q = make_q()
+    try:
+        q.desc(0, 0, 32, IND)
+        q.publish_raw(0)
+        with pytest.raises(Exception, match="Cannot map indirect buffer"):
+            q.vq.pop()
+        assert q.vdev.broken_reason == "Cannot map indirect buffer"
+    finally:
+        q.kick.close()
+        q.call.close()
+        q.mem.close()
+
+
+def test_regression_guest_read_into_page_zero_cannot_corrupt_allocator(
+) -> None:
+    # Without the check a read request aimed at address 0 overwrote the
+    # magic and the bump pointer that every process allocates from.
+    d = make_disk(guest=False)
+    try:
+        d.bs.write_data(0, b"\xff" * 512)
+        drv = raw_driver(d)
+        hdr, st = d.mem.alloc(16), d.mem.alloc(1)
+        OUTHDR.pack_into(d.mem.buf, hdr, int(T.IN), 0, 0)
+        header = d.mem.read(0, 16)
+        drv.add([(hdr, 16)], [(0, 512), (st, 1)])
+        d.dev.handle_vq(0)
+        d.settle()
+        assert d.dev.broken
+        assert d.mem.read(0, 16) == header
+        assert d.mem.alloc(16) > FIRST_ADDR
+    finally:
+        d.close()
+
+
+# -- property integers are parsed as qemu_strtou64 does ------------------
+
+
+@pytest.mark.parametrize(("text", "value"), [
+    ("010", 8),            # strtoull base 0: a leading 0 is octal
+    ("0x10", 16), ("0X10", 16), (" 16", 16), ("+16", 16), ("16", 16),
+])
+def test_regression_property_integers_parse_like_strtoull(
+        text: str, value: int) -> None:
+    c = VirtIOBlkConf.from_props({"queue-size": text})
+    assert c.queue_size == value
+
+
+@pytest.mark.parametrize("text", [
+    "16 ", "1_6", "0o20", "0b10000", "08", "0x", "", "-", "sixteen",
+    "1.5", "99999999999999999999999", "-99999999999999999999999",
+])
+def test_regression_property_integer_garbage_expects_integer(
+        text: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        VirtIOBlkConf.from_props({"queue-size": text})
+    assert str(ei.value) == "Parameter 'queue-size' expects integer"
+
+
+@pytest.mark.parametrize(("props", "message"), [
+    ({"queue-size": "0"}, "invalid queue-size property (0), must be > 2"),
+    ({"queue-size": "1"}, "invalid queue-size property (1), must be > 2"),
+    ({"queue-size": "3"}, "invalid queue-size property (3), must be a "
+                          "power of 2 (max 1024)"),
+    ({"queue-size": "-1"}, "Parameter 'queue-size' expects uint16_t"),
+    ({"queue-size": "65536"}, "Parameter 'queue-size' expects uint16_t"),
+    ({"num-queues": "65536"}, "Parameter 'num-queues' expects uint16_t"),
+    ({"num-queues": "x"}, "Parameter 'num-queues' expects integer"),
+    # realize checks queue-size before virtio_add_queue runs out of
+    # queues: the queue-size message wins.
+    ({"num-queues": "2048", "queue-size": "3"},
+     "invalid queue-size property (3), must be a power of 2 (max 1024)"),
+    ({"num-queues": "2048", "max-discard-sectors": "0"},
+     "invalid max-discard-sectors property (0), must be between 1 and "
+     "4194303"),
+])
+def test_regression_property_edge_cases_and_message_order(
+        props: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        VirtIOBlkConf.from_props(props).realize()
+    assert str(ei.value) == message
+
+
+@pytest.mark.parametrize(("props", "nq", "qs"), [
+    ({"num-queues": "1", "queue-size": "4"}, 1, 4),
+    ({"num-queues": "3", "queue-size": "1024"}, 3, 1024),
+    ({"num-queues": "1024", "queue-size": "0x100"}, 1024, 256),
+])
+def test_property_edge_values_accepted(props: dict[str, str], nq: int,
+                                       qs: int) -> None:
+    c = VirtIOBlkConf.from_props(props)
+    c.realize()
+    assert (c.num_queues, c.queue_size) == (nq, qs)
+
+
+# -- GET_ID buffers of 1, 19, 20 and 21 bytes ----------------------------
+
+
+@pytest.mark.parametrize(("serial", "buflen", "expect"), [
+    ("", 1, b"\0"),
+    ("abc", 1, b"a"),
+    ("s" * 19, 19, b"s" * 19),                 # no room for the NUL
+    ("s" * 19, 20, b"s" * 19 + b"\0"),
+    ("s" * 19, 21, b"s" * 19 + b"\0" + b"\xee"),
+    ("t" * 20, 20, b"t" * 20),
+    ("t" * 20, 21, b"t" * 20 + b"\xee"),       # capped at 20 bytes
+    ("u" * 21, 21, b"u" * 20 + b"\xee"),
+])
+def test_get_id_buffer_sizes(serial: str, buflen: int,
+                             expect: bytes) -> None:
+    d = make_disk(conf=VirtIOBlkConf(num_queues=1, queue_size=16,
+                                     serial=serial))
+    try:
+        b = d.mem.alloc(buflen)
+        d.mem.write(b, b"\xee" * buflen)
+        d.guests[0].submit(T.GET_ID, 0, [(b, buflen)])
+        d.dev.handle_vq(0)
+        d.settle()
+        (c,) = d.guests[0].reap()
+        assert (c.status, c.used_len) == (S.OK, buflen + 1)
+        assert d.mem.read(b, buflen) == expect
+    finally:
+        d.close()
+
+
+def test_get_id_with_status_sharing_the_id_buffer() -> None:
+    # One 21-byte writable buffer: 20 bytes of id, then the status.
+    d = make_disk(guest=False, conf=VirtIOBlkConf(
+        num_queues=1, queue_size=16, serial="v" * 25))
+    try:
+        drv = raw_driver(d)
+        hdr, buf = d.mem.alloc(16), d.mem.alloc(21)
+        d.mem.write(buf, b"\xee" * 21)
+        OUTHDR.pack_into(d.mem.buf, hdr, int(T.GET_ID), 0, 0)
+        drv.add([(hdr, 16)], [(buf, 21)])
+        d.dev.handle_vq(0)
+        d.settle()
+        got = drv.get_buf()
+        assert got is not None and got[1] == 21
+        assert d.mem.read(buf, 21) == b"v" * 20 + bytes([S.OK])
+    finally:
+        d.close()
