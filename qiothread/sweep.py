@@ -358,18 +358,33 @@ def subprocess_runner(args: list[str], out: Path,
     try:
         _, err = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        err = _stop_run(proc)
+        sys.stderr.write(err or "")
+        out.unlink(missing_ok=True)
+        return TIMED_OUT
+    except BaseException:
+        # Ctrl-C reaches only us (the run has its own session): pass it
+        # on, so that the run releases its processes, then go on out.
+        _stop_run(proc)
+        out.unlink(missing_ok=True)
+        raise
+    if proc.returncode and err:
+        sys.stderr.write(err)
+    return proc.returncode
+
+
+def _stop_run(proc: subprocess.Popen[str]) -> str:
+    """SIGINT the run's process group, SIGKILL it 10 s later."""
+    try:
         os.killpg(proc.pid, signal.SIGINT)
         try:
             _, err = proc.communicate(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             _, err = proc.communicate()
-        sys.stderr.write(err or "")
-        out.unlink(missing_ok=True)
-        return TIMED_OUT
-    if proc.returncode and err:
-        sys.stderr.write(err)
-    return proc.returncode
+    except ProcessLookupError:          # already gone
+        _, err = proc.communicate()
+    return err or ""
 
 
 def _save(out_dir: Path, state: dict[str, Any]) -> None:
@@ -496,8 +511,16 @@ def main(argv: Sequence[str]) -> int:
         params = [parse_param(t) for t in ns.param]
         runner = functools.partial(subprocess_runner,
                                    timeout_s=ns.run_timeout)
-        state = run_sweep(params, ns.repeat, ns.output_dir, run_args,
-                          runner)
+        try:
+            state = run_sweep(params, ns.repeat, ns.output_dir, run_args,
+                              runner)
+        except KeyboardInterrupt:
+            sys.stderr.write("qiothread sweep: interrupted; the runs "
+                             "done so far are in "
+                             f"{ns.output_dir / 'sweep.json'}\n")
+            if (ns.output_dir / "sweep.json").exists():
+                write_report(ns.output_dir)
+            return 130
         if not state["runs"]:
             sys.stderr.write("qiothread sweep: every run failed\n")
             return 1

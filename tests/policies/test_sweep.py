@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -167,3 +171,48 @@ def test_report_of_a_directory_without_a_sweep(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert report_main([str(tmp_path)]) == 1
     assert "not a sweep directory" in capsys.readouterr().err
+
+
+def _procs_mentioning(marker: str) -> list[int]:
+    pids = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker.encode() in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def test_regression_ctrl_c_stops_the_running_point(tmp_path: Path) -> None:
+    """The run has a session of its own, so the terminal's Ctrl-C
+    reaches only the sweep; it must stop the run's processes too."""
+    out = tmp_path / "ctrlc-sweep"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qiothread.cli", "sweep", "--param",
+         "iodepth=1,2", "--output-dir", str(out), "--runtime=60s"],
+        cwd=Path(__file__).resolve().parents[2],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        # Wait for the run of the first point and its iothread/guest.
+        while len(_procs_mentioning(str(out))) < 3:
+            assert time.monotonic() < deadline, "the run did not start"
+            assert proc.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130, err
+    assert "qiothread sweep: interrupted" in err
+    deadline = time.monotonic() + 20
+    while _procs_mentioning(str(out)):
+        assert time.monotonic() < deadline, "run processes left behind"
+        time.sleep(0.05)
