@@ -91,6 +91,17 @@ def _parse_ranges(text: str, size: bool) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def _parse_int(key: str, text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ConfigError(
+            f"Parameter 'faults.{key}' expects a non-negative integer")
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class FaultSpec:
     """What to inject (see the module docstring); all off by default."""
@@ -130,7 +141,8 @@ class FaultSpec:
                         "number between 0 and 1")
                 kw["eio_fraction"] = frac
             elif key in ("iops", "bps", "seed"):
-                kw[key] = parse_size(val) if key == "bps" else int(val)
+                kw[key] = (parse_size(val) if key == "bps"
+                           else _parse_int(key, val))
             else:
                 raise ConfigError(
                     f"Invalid parameter 'faults.{key}'")
@@ -184,9 +196,15 @@ class FaultInjector:
         self.next_start_ns = self.t0
         self.throttle_timer = ctx.timer_new_ns(self._run_throttled)
         self.release_timer = ctx.timer_new_ns(self._release)
+        # Work held over from a previous context resumes here.
+        if self.throttled:
+            self.throttle_timer.mod_ns(self.throttled[0][0])
+        if self.held:
+            self.release_timer.mod_ns(self.held[0][0])
 
     def detach(self) -> None:
-        """Stop the timers (held completions stay held)."""
+        """Stop the timers; held and throttled requests wait for the
+        next :meth:`attach`, which resumes them."""
         for t in (self.throttle_timer, self.release_timer):
             if t is not None:
                 t.del_()
@@ -259,9 +277,15 @@ class FaultInjector:
         t = now + spec.latency_ns
         if spec.jitter_ns:
             t += self.rng.randint(0, spec.jitter_ns)
-        for lo, hi in spec.stalls:
-            if self.t0 + lo <= t < self.t0 + hi:
-                t = self.t0 + hi
+        # Until no window holds t: the end of one window may fall inside
+        # another one listed before it.
+        moved = True
+        while moved:
+            moved = False
+            for lo, hi in spec.stalls:
+                if self.t0 + lo <= t < self.t0 + hi:
+                    t = self.t0 + hi
+                    moved = True
         return t
 
     def _complete(self, cb: CompletionCB, ret: int) -> None:

@@ -161,6 +161,57 @@ def test_random_latency_is_repeatable(vctx: Any) -> None:
     assert [(-(-(t - t0) // US) * US + t0, i) for t, i in want] == done
 
 
+def test_regression_overlapping_stalls_hold_to_the_last_end(
+        vctx: Any) -> None:
+    """A window's end inside an earlier-listed window was let through.
+
+    With stalls [2, 4) ms and [0, 3) ms, an engine done at 1 ms was
+    moved to 3 ms, which the first window covers: it must wait to 4 ms.
+    """
+    ctx, clock = vctx
+    t0 = clock.now_ns()
+    rec = Recorder(ctx, clock, service_ns=MS)
+    spec = FaultSpec(stalls=((2 * MS, 4 * MS), (0, 3 * MS)))
+    done = _completions(spec, ctx, clock, rec, 1, t0 + 6 * MS, 100 * US)
+    assert done == [(t0 + 4 * MS, 0)]
+
+
+def test_regression_reattach_resumes_held_and_throttled(
+        vctx: Any) -> None:
+    """Requests held at detach were never released after re-attach."""
+    ctx, clock = vctx
+    t0 = clock.now_ns()
+    rec = Recorder(ctx, clock)
+    inj = FaultInjector(FaultSpec(iops=1000, latency_ns=500 * US), rec)
+    inj.attach(ctx)
+    done: list[tuple[int, int]] = []
+    for i in range(3):
+        inj.submit(_req(i * 4096),
+                   lambda ret, i=i: done.append((clock.now_ns(), i)))
+    _step(ctx, clock, t0)
+    # Request 0 started and its engine finished; its release is held.
+    assert rec.started == [(t0, 0)] and len(inj.held) == 1
+    assert len(inj.throttled) == 2
+    inj.detach()
+    inj.attach(ctx)
+    for t in range(1, 31):
+        _step(ctx, clock, t0 + t * 100 * US)
+    inj.detach()
+    assert [i for _, i in done] == [0, 1, 2]
+    assert done[0] == (t0 + 500 * US, 0)
+    assert [t - t0 for t, _ in rec.started] == [0, MS, 2 * MS]
+
+
+@pytest.mark.parametrize("key", ["iops", "seed"])
+def test_regression_bad_integer_option_is_a_config_error(key: str) -> None:
+    """``iops=fast`` escaped as a bare ValueError."""
+    for bad in ("fast", "-3"):
+        with pytest.raises(ConfigError) as exc:
+            FaultSpec.parse(f"{key}={bad}")
+        assert str(exc.value) == (f"Parameter 'faults.{key}' expects a "
+                                  "non-negative integer")
+
+
 @pytest.fixture
 def image(workdir: Path) -> Path:
     return create_pattern_image(workdir / "f.img", 1 << 20, seed=2).path
