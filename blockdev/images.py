@@ -23,6 +23,7 @@ through each engine.
 from __future__ import annotations
 
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,24 +86,34 @@ def create_pattern_image(path: str | os.PathLike[str], size: int,
                          seed: int = 0) -> ImageInfo:
     """Write a raw image of ``size`` bytes filled with the pattern.
 
-    Written in full and fsync'ed (never sparse); ``size`` must be a
+    Written in full and fsync'ed (never sparse) into a temporary file
+    that is then renamed over ``path``, so nobody sees a half-written
+    image and a failure leaves no file behind; ``size`` must be a
     multiple of 512.  An existing file is replaced.
     """
     if size <= 0 or size % SECTOR:
         raise ValueError(f"image size {size} is not a multiple of 512")
     p = Path(path)
-    tmp = p.with_name(p.name + ".partial")
+    # Unique per writer: two runs creating the same cached image at
+    # once must not write into, or rename away, each other's file.
+    tmp = p.with_name(f".{p.name}.{os.getpid()}."
+                      f"{secrets.token_hex(4)}.partial")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        pos = 0
-        while pos < size:
-            n = min(_CHUNK, size - pos)
-            os.pwrite(fd, pattern_bytes(pos, n, seed), pos)
-            pos += n
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, p)
+        try:
+            pos = 0
+            while pos < size:
+                n = min(_CHUNK, size - pos)
+                os.pwrite(fd, pattern_bytes(pos, n, seed), pos)
+                pos += n
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, p)
+    except BaseException:
+        # A full disk, a file-size limit or Ctrl-C: leave nothing behind.
+        tmp.unlink(missing_ok=True)
+        raise
     st = os.stat(p)
     return ImageInfo(p, size, seed, st.st_blocks * 512)
 

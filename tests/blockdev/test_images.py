@@ -5,10 +5,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
+import threading
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from blockdev import host
 from blockdev.images import (
     SECTOR,
     check_pattern,
@@ -77,3 +82,86 @@ def test_command_line(workdir: Path) -> None:
     bad = subprocess.run([*run, "check", str(img), "--seed", "5"],
                          cwd=REPO, capture_output=True, text=True)
     assert bad.returncode == 1 and "broken at offset 0" in bad.stdout
+
+
+def test_regression_failed_creation_leaves_no_temp_file(
+        workdir: Path) -> None:
+    """A write that failed midway left ``NAME.partial`` behind.
+
+    A child process with a 1 MiB file-size limit (RLIMIT_FSIZE, SIGXFSZ
+    ignored) makes the kernel refuse the writes with EFBIG, as a full
+    disk would with ENOSPC.
+    """
+    target = workdir / "big.img"
+    code = textwrap.dedent(f"""
+        import errno, resource, signal, sys
+        from blockdev.images import create_pattern_image
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            create_pattern_image({str(target)!r}, 16 << 20)
+        except OSError as exc:
+            sys.exit(0 if exc.errno == errno.EFBIG else 3)
+        sys.exit(4)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert list(workdir.iterdir()) == []
+
+
+def test_regression_concurrent_creators_of_one_image(workdir: Path) -> None:
+    """Two writers shared one temp name: one renamed it away under the
+    other (FileNotFoundError), or published a file still being
+    rewritten.  Both must succeed and leave one good image."""
+    target = workdir / "shared.img"
+    errors: list[BaseException] = []
+    start = threading.Barrier(3)
+
+    def create() -> None:
+        start.wait(60)
+        try:
+            create_pattern_image(target, 24 << 20, seed=4)
+        except BaseException as exc:   # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=create) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert errors == []
+    assert check_pattern(target, seed=4) is None
+    assert os.path.getsize(target) == 24 << 20
+    assert [p.name for p in workdir.iterdir()] == ["shared.img"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=st.integers(0, 2**32), where=st.integers(0, (64 << 10) - 1),
+       bit=st.integers(0, 7))
+def test_checker_catches_one_flipped_bit_anywhere(seed: int, where: int,
+                                                  bit: int) -> None:
+    data = bytearray(pattern_bytes(1 << 20, 64 << 10, seed))
+    data[where] ^= 1 << bit
+    assert first_mismatch(data, 1 << 20, seed) == (1 << 20) + where // 8 * 8
+
+
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(1, 2**32), first=st.integers(0, 255),
+       count=st.integers(1, 16))
+def test_checker_catches_a_punched_hole(workdir: Path, seed: int,
+                                        first: int, count: int) -> None:
+    info = create_pattern_image(workdir / "h.img", 256 * 4096, seed)
+    fd = os.open(info.path, os.O_RDWR)
+    try:
+        n = min(count, 256 - first) * 4096
+        assert host.fallocate(
+            fd, host.FallocFlags.PUNCH_HOLE | host.FallocFlags.KEEP_SIZE,
+            first * 4096, n) == 0
+        # A real hole: the filesystem reports it and serves zeroes.
+        assert os.lseek(fd, first * 4096, os.SEEK_HOLE) == first * 4096
+    finally:
+        os.close(fd)
+    assert check_pattern(info.path, seed) == first * 4096
+    assert check_pattern(info.path, seed, offset=first * 4096 + n) is None
