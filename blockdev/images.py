@@ -98,6 +98,7 @@ def create_pattern_image(path: str | os.PathLike[str], size: int,
     # once must not write into, or rename away, each other's file.
     tmp = p.with_name(f".{p.name}.{os.getpid()}."
                       f"{secrets.token_hex(4)}.partial")
+    _remove_orphans(p)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         try:
@@ -116,6 +117,20 @@ def create_pattern_image(path: str | os.PathLike[str], size: int,
         raise
     st = os.stat(p)
     return ImageInfo(p, size, seed, st.st_blocks * 512)
+
+
+def _remove_orphans(p: Path) -> None:
+    """Remove temp files of writers that died (``kill -9``) on ``p``."""
+    for tmp in p.parent.glob(f".{p.name}.*.partial"):
+        pid = tmp.name[len(p.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:
+            pass            # alive, somebody else's
 
 
 def check_pattern(path: str | os.PathLike[str], seed: int = 0,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -165,3 +166,27 @@ def test_checker_catches_a_punched_hole(workdir: Path, seed: int,
         os.close(fd)
     assert check_pattern(info.path, seed) == first * 4096
     assert check_pattern(info.path, seed, offset=first * 4096 + n) is None
+
+
+def test_regression_killed_creator_leaves_no_orphan(workdir: Path) -> None:
+    """A creator killed with SIGKILL leaves its temp file; the next one
+    to create that image removes it (its writer is dead)."""
+    target = workdir / "k.img"
+    proc = subprocess.Popen(
+        [sys.executable, "-c",
+         "import time; from blockdev.images import create_pattern_image;"
+         "import blockdev.images as m; m.os.fsync = "
+         "lambda fd: time.sleep(600);"
+         f"create_pattern_image({str(target)!r}, 1 << 20)"],
+        cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(workdir.glob(".k.img.*.partial")):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(60)
+    assert len(list(workdir.glob(".k.img.*.partial"))) == 1
+    create_pattern_image(target, 1 << 20)
+    assert [p.name for p in workdir.iterdir()] == ["k.img"]
