@@ -166,30 +166,53 @@ def attach(backing: str | os.PathLike[str], *, direct_io: bool = True,
     except OSError as exc:
         raise BlockError(f"Could not open '{LOOP_CONTROL}': "
                          f"{exc.strerror}") from exc
-    bfd = os.open(name, mode | os.O_CLOEXEC)
     try:
-        for _ in range(_MAX_TRIES):
-            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-            dev = f"/dev/loop{n}"
-            # Not O_CLOEXEC: children we fork or exec may hold it too.
-            dfd = os.open(dev, mode)
-            try:
-                fcntl.ioctl(dfd, LOOP_CONFIGURE,
-                            _config(bfd, name, block_size, flags))
-            except OSError as exc:
-                os.close(dfd)
-                if exc.errno == errno.EBUSY:
-                    continue        # somebody took it first
-                raise BlockError(
-                    f"Could not attach '{name}' to {dev}: "
-                    f"{exc.strerror}") from exc
-            break
-        else:
-            raise BlockError("no free loop device after "
-                             f"{_MAX_TRIES} tries")
+        bfd = os.open(name, mode | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(ctl)
+        raise BlockError(f"Could not open '{name}': "
+                         f"{exc.strerror}") from exc
+    try:
+        dev, dfd = _configure(ctl, bfd, name, block_size, flags, mode)
     finally:
         os.close(bfd)
         os.close(ctl)
+    try:
+        return _describe(dev, dfd, name, direct_io, block_size, read_only)
+    except BaseException:
+        # Configured but not handed over (Ctrl-C, a sysfs surprise):
+        # detach now rather than when the process exits.
+        LoopDevice(dev, name, False, False, block_size, read_only,
+                   dfd).close()
+        raise
+
+
+def _configure(ctl: int, bfd: int, name: str, block_size: int,
+               flags: LoopFlags, mode: int) -> tuple[str, int]:
+    """Bind ``bfd`` to a free device; (its path, our descriptor)."""
+    for _ in range(_MAX_TRIES):
+        n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+        dev = f"/dev/loop{n}"
+        # Not O_CLOEXEC: children we fork or exec may hold it too.
+        dfd = os.open(dev, mode)
+        try:
+            fcntl.ioctl(dfd, LOOP_CONFIGURE,
+                        _config(bfd, name, block_size, flags))
+        except BaseException as exc:
+            os.close(dfd)
+            if isinstance(exc, OSError) and exc.errno == errno.EBUSY:
+                continue        # somebody took it first
+            if isinstance(exc, OSError):
+                raise BlockError(
+                    f"Could not attach '{name}' to {dev}: "
+                    f"{exc.strerror}") from exc
+            raise
+        return dev, dfd
+    raise BlockError(f"no free loop device after {_MAX_TRIES} tries")
+
+
+def _describe(dev: str, dfd: int, name: str, direct_io: bool,
+              block_size: int, read_only: bool) -> LoopDevice:
     info = loop_info(dev)
     dio = info.get("dio") == "1"
     return LoopDevice(
