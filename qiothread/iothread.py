@@ -315,8 +315,11 @@ class IOThread(EventLoopBase):
         self._stop_word = SharedU64(self._map, _STOP * 8)
         self._stats = PollStats(self._map, _STATS_OFFSET)
         self._control = ControlBlock(self._map, _CONTROL_OFFSET)
+        # No epoll upgrade: a 7.2 IOThread's context has no epoll fd
+        # (io_uring took its place, then lost it to the GSource).
         self.ctx = AioContext(
-            fdmon=self._fdmon, policy=self._make_policy(), name=self.id,
+            fdmon=self._fdmon, epoll_upgrade=False,
+            policy=self._make_policy(), name=self.id,
             control_block=self._control, stats=self._stats)
         self._notifier = self.ctx.remote_handle()
         # The loop applies these before it starts, as iothread_init does

@@ -6,6 +6,7 @@ docstring) and fails on the code as it was before the fix.
 
 from __future__ import annotations
 
+import mmap
 import signal
 import threading
 import time
@@ -15,6 +16,7 @@ import pytest
 from qiothread.aio import AioContext
 from qiothread.aio_handler import soonest
 from qiothread.errors import ConfigError
+from qiothread.event_notifier import EventNotifier
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
 from qiothread.process import Child, Supervisor
@@ -126,3 +128,46 @@ def test_regression_ctrl_c_right_after_ready_stops_the_iothread(
         assert child.returncode == 0
     assert not [r for r in caplog.records if r.levelname in
                 ("WARNING", "ERROR")], caplog.text
+
+
+def test_regression_iothread_context_never_upgrades_to_epoll() -> None:
+    """§5, §7.4: a 7.2 IOThread's context has no epoll fd (io_uring
+    took its place, then the GSource destroyed io_uring), so it stays
+    on fdmon-poll however many fds it watches.  qiothread's IOThread
+    built its context with the bare-context default and switched to
+    epoll at 64 fds."""
+    shared = mmap.mmap(-1, mmap.PAGESIZE, mmap.MAP_SHARED)
+    word = memoryview(shared).cast("q")
+    kick = EventNotifier()
+    many = [EventNotifier() for _ in range(70)]
+
+    def setup(ctx: AioContext) -> None:
+        for n in many:
+            ctx.set_event_notifier(n, n.test_and_clear)
+
+        def on_kick() -> None:
+            kick.test_and_clear()
+            word[0] = 2 if ctx.fdmon.name == "epoll" else 1
+
+        ctx.set_event_notifier(kick, on_kick)
+
+    try:
+        with Supervisor() as sup:
+            io = IOThread("io0", supervisor=sup, start_on_complete=False)
+            io.on_start(setup)
+            try:
+                io.complete()
+                io.start()
+                kick.set()
+                deadline = time.monotonic() + 30
+                while word[0] == 0:
+                    assert time.monotonic() < deadline
+                    time.sleep(0.001)
+                assert word[0] == 1, "the iothread switched to epoll"
+            finally:
+                io.finalize()
+    finally:
+        for n in [kick, *many]:
+            n.close()
+        word.release()
+        shared.close()
