@@ -224,6 +224,9 @@ def plan_run(argv: Sequence[str]) -> RunPlan:
     image: Path | None = None
     if not any(name in ("device", "drive", "blockdev")
                for name, _ in qemu):
+        # The user's own options are checked (and asked help given)
+        # before anything is created, as QEMU does.
+        build_machine_config(qemu, len(jobs))
         image = Path(own["image"]) if "image" in own \
             else default_image_path()
         ensure_default_image(image)

@@ -169,7 +169,10 @@ def test_cli_reports_qemu_errors_and_exits_1(
 
 
 def test_cli_help_version_and_unknown_command(
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Help and bad options come before the default image is made.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert cli_main(["--help"]) == 0
     assert "qiothread run" in capsys.readouterr().out
     assert cli_main(["--version"]) == 0
@@ -177,6 +180,9 @@ def test_cli_help_version_and_unknown_command(
     assert "unknown command 'frob'" in capsys.readouterr().err
     assert cli_main(["run", "-object", "iothread,help"]) == 0
     assert "poll-max-ns" in capsys.readouterr().out
+    assert cli_main(["run", "-object", "iothread,id=x,poll-grow=-1"]) == 1
+    assert "poll-grow value must be in range" in capsys.readouterr().err
+    assert not (tmp_path / "qiothread").exists()
 
 
 def test_backend_errors_blame_the_option_that_made_the_node(
