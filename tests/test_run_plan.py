@@ -204,3 +204,22 @@ def test_backend_errors_blame_the_option_that_made_the_node(
     assert capsys.readouterr().err == (
         f"qiothread: -drive {arg}: aio=native was specified, but it "
         "requires cache.direct=on, which was not specified.\n")
+
+
+def test_default_drive_falls_back_where_o_direct_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qiothread.run as run_mod
+
+    image = tmp_path / "img.raw"
+    image.write_bytes(bytes(1 << 20))
+    # ext4 takes O_DIRECT (and tmpfs does since Linux 6.6), so the
+    # refusal is simulated at the one probe that asks the kernel.
+    assert run_mod._o_direct_works(image)
+    monkeypatch.setattr(run_mod, "_o_direct_works", lambda path: False)
+    plan = plan_run([f"--image={image}"])
+    node = plan.config.nodes[0]
+    assert (node.options["aio"], node.options["cache.direct"]) == \
+        ("threads", False)
+    assert plan.warnings == [
+        f"qiothread: warning: {image}: the file system refuses O_DIRECT; "
+        "using aio=threads,cache.direct=off"]
