@@ -14,7 +14,8 @@ made concrete:
 - one iothread with QEMU's defaults (``poll-max-ns=32768``);
 - one virtio-blk device with one queue per job on that image,
   ``aio=native,cache.direct=on`` -- where the file system refuses
-  O_DIRECT (tmpfs), ``aio=threads,cache.direct=off`` with a warning,
+  O_DIRECT (tmpfs before Linux 6.6, some FUSE file systems),
+  ``aio=threads,cache.direct=off`` with a warning,
   and where Linux AIO cannot start, the backend falls back to the
   thread pool as QEMU's file-posix does;
 - 4k random reads at queue depth 1, time based, for 5 seconds.
