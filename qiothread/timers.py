@@ -39,7 +39,7 @@ class QEMUTimer:
 
     def mod_ns(self, expire_abs_ns: int) -> None:
         """``timer_mod_ns``: (re-)arm to fire at ``expire_abs_ns``."""
-        self._list.mod(self, max(0, expire_abs_ns))
+        self._list.mod(self, expire_abs_ns)
 
     def del_(self) -> None:
         """``timer_del``: disarm (harmless if not armed)."""
@@ -55,6 +55,10 @@ class QEMUTimer:
 
     def __lt__(self, other: QEMUTimer) -> bool:
         return self.expire_time < other.expire_time
+
+
+def _expire_time(t: QEMUTimer) -> int:
+    return t.expire_time
 
 
 class TimerList:
@@ -78,10 +82,16 @@ class TimerList:
             t.expire_time = -1
 
     def mod(self, t: QEMUTimer, expire: int) -> None:
+        """``timer_mod_ns``: (re-)arm ``t`` for ``expire``.
+
+        The place is found with ``expire`` as given, after every timer
+        due at or before it; only the stored time is clamped at 0, so
+        a timer armed in the past goes before one due at 0.
+        """
         self.remove(t)
-        t.expire_time = expire
         timers = self.timers
-        i = bisect.bisect_right(timers, t)
+        i = bisect.bisect_right(timers, expire, key=_expire_time)
+        t.expire_time = max(0, expire)
         timers.insert(i, t)
         if i == 0:
             # The deadline moved earlier: a blocked aio_poll must look

@@ -15,6 +15,7 @@ import pytest
 
 from qiothread.aio import AioContext
 from qiothread.aio_handler import soonest
+from qiothread.clock import VirtualClock
 from qiothread.errors import ConfigError
 from qiothread.event_notifier import EventNotifier
 from qiothread.iothread import IOThread
@@ -171,3 +172,25 @@ def test_regression_iothread_context_never_upgrades_to_epoll() -> None:
             n.close()
         word.release()
         shared.close()
+
+
+def test_regression_timer_armed_in_the_past_goes_first() -> None:
+    """§4.9 (timer_mod_ns): the place in the list is found with the
+    deadline as given, and only the stored value is clamped at 0.  A
+    timer armed at a negative time therefore goes before one already
+    due at 0 and, as the new head, notifies the context."""
+    clock = VirtualClock(0)
+    ctx = AioContext(clock=clock)
+    try:
+        order: list[str] = []
+        due = ctx.timer_new_ns(lambda: order.append("due at 0"))
+        past = ctx.timer_new_ns(lambda: order.append("armed at -5"))
+        due.mod_ns(0)
+        ctx.notify_accept()
+        past.mod_ns(-5)
+        assert past.expire_time == 0
+        assert ctx.notified                 # the head changed
+        assert ctx.aio_poll(False) is True
+        assert order == ["armed at -5", "due at 0"]
+    finally:
+        ctx.close()
