@@ -254,7 +254,7 @@ class LuringState:
         # Armed while callbacks run: a nested aio_poll drains too.
         self.completion_bh.schedule()
         cqe = self._cqe
-        while _uring.io_uring_cq_ready(self.ring):
+        while self._cq_ready_or_flush():
             _uring.io_uring_peek_cqe(self.ring, cqe)
             entry = cqe[0]
             key = int(entry.user_data)
@@ -268,6 +268,23 @@ class LuringState:
         self.completion_bh.cancel()
         if self._deferred:
             self.completion_bh.schedule()
+
+    def _cq_ready_or_flush(self) -> bool:
+        """Whether a CQE waits, after moving overflowed ones in.
+
+        With more requests in flight than the CQ has entries (256), the
+        kernel parks the extra completions on an overflow list and sets
+        IORING_SQ_CQ_OVERFLOW; only an io_uring_enter with GETEVENTS
+        moves them into the CQ.  QEMU gets that from io_uring_peek_cqe;
+        testing the CQ alone would leave them there for ever (and the
+        ring fd readable, so the loop would spin).
+        """
+        if _uring.io_uring_cq_ready(self.ring):
+            return True
+        if not _uring.io_uring_cq_has_overflow(self.ring):
+            return False
+        _uring.io_uring_get_events(self.ring)
+        return bool(_uring.io_uring_cq_ready(self.ring))
 
     def _complete(self, luringcb: LuringAIOCB, ret: int) -> None:
         req = luringcb.req

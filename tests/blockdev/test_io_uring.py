@@ -192,3 +192,32 @@ def test_ring_refused_falls_back_to_threads(
         assert first_mismatch(view, 0, seed=4) is None
     finally:
         node.close()
+
+
+def test_regression_completions_beyond_the_cq_are_not_stranded(
+        luring: LuringState, ctx: Any) -> None:
+    """More completions than CQ entries (2 x 128) hung the engine.
+
+    The kernel parks the extra ones on its overflow list; only an
+    io_uring_enter(GETEVENTS) - which QEMU's io_uring_peek_cqe makes -
+    moves them into the CQ.  Reads of an empty pipe stay in flight, so
+    400 of them are in flight at once (past the 128-entry SQ too), and
+    one write completes them all together.
+    """
+    r, w = os.pipe()
+    try:
+        n = 400
+        bufs = [memoryview(bytearray(1)) for _ in range(n)]
+        waiter = Waiter()
+        for i in range(n):
+            luring.submit(RawAIOCB(AioType.READ, r, 0, 1, [bufs[i]]),
+                          waiter.cb(i), 0)
+        assert luring.in_flight == n and luring.in_queue == 0
+        assert os.write(w, b"\x01" * n) == n
+        run_until(ctx, waiter.done(n), timeout_s=60)
+        assert set(waiter.results.values()) == {0}
+        assert all(bytes(b) == b"\x01" for b in bufs)
+        assert luring.in_flight == 0
+    finally:
+        os.close(r)
+        os.close(w)
