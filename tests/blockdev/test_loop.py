@@ -382,3 +382,33 @@ def test_sigterm_to_a_plain_python_holder_leaves_no_device(
     while _bound_to(img):
         assert time.monotonic() < deadline, "device left behind"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("aio", ENGINES)
+def test_requests_at_the_device_end(loopdev: LoopDevice, ctx: Any,
+                                    aio: str) -> None:
+    """Sector-sized reads at and across the end of a 512 and a 4096
+    device: inside it they succeed (bounced when shorter than a block),
+    past it they fail with EIO, as blk_check_byte_request has it; a
+    buffer misaligned in memory at an aligned offset is bounced too."""
+    node = _node(loopdev, aio, ctx)
+    try:
+        cases = {"last": (SIZE - 512, 512), "last3": (SIZE - 1536, 1536),
+                 "across": (SIZE - 512, 1024), "past": (SIZE, 512),
+                 "odd": (4096 + 512, 2560), "negative": (-512, 512)}
+        w = Waiter()
+        bufs = {}
+        for tag, (off, n) in cases.items():
+            bufs[tag] = aligned_buffer(8192)[:n]
+            node.preadv(off, [bufs[tag]], w.cb(tag))
+        mem = aligned_buffer(8192)[8:8 + 4096]
+        node.preadv(8192, [mem], w.cb("mem"))
+        run_until(ctx, w.done(len(cases) + 1))
+        assert w.results == {"last": 0, "last3": 0, "across": -errno.EIO,
+                             "past": -errno.EIO, "odd": 0,
+                             "negative": -errno.EIO, "mem": 0}
+        for tag in ("last", "last3", "odd"):
+            assert first_mismatch(bufs[tag], cases[tag][0], seed=5) is None
+        assert first_mismatch(mem, 8192, seed=5) is None
+    finally:
+        node.close()
