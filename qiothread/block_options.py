@@ -23,6 +23,10 @@ QEMU's warning, and a ``file=`` that is a block device gets the
 as QEMU does (without an iothread: it runs in the main loop's context);
 every other interface needs a controller qiothread does not have.
 
+Both take qiothread's fault injection for the file node, as
+``faults.KEY=VALUE`` (``latency``, ``jitter``, ``stall``, ``eio``,
+``eio-fraction``, ``iops``, ``bps``, ``seed``; ``blockdev.faults``).
+
 ``raw`` is a pass-through here (no ``offset``/``size``): a raw node is
 recorded as the ``format_node`` of the protocol node it sits on.
 """
@@ -101,6 +105,7 @@ def visit_blockdev(v: InputVisitor, prefix: str = "") -> dict[str, Any]:
         _put(out, "locking", _enum(v, prefix, "locking",
                                    ("off", "on", "auto")))
         _put(out, "drop-cache", v.type_bool("drop-cache"))
+        _faults(v, prefix, out)
     elif driver == "raw":
         ref = v.data.get("file")
         if isinstance(ref, dict):
@@ -118,6 +123,24 @@ def visit_blockdev(v: InputVisitor, prefix: str = "") -> dict[str, Any]:
                           "supported (file, host_device and raw are)")
     v.check_struct()
     return out
+
+
+def _faults(v: InputVisitor, prefix: str, out: dict[str, Any]) -> None:
+    """qiothread's fault injection (``faults.latency=200us``,
+    ``faults.eio=OFFSET+LEN``, ...): passed as flat strings to the
+    backend, which checks names and values (``blockdev.faults``)."""
+    faults = v.data.get("faults")
+    if faults is None:
+        return
+    v.skip("faults")
+    if not isinstance(faults, dict):
+        raise ConfigError(f"Invalid parameter type for '{prefix}faults', "
+                          "expected: object")
+    for key, value in faults.items():
+        if isinstance(value, (dict, list, bool)):
+            raise ConfigError(f"Invalid parameter type for "
+                              f"'{prefix}faults.{key}', expected: string")
+        out[f"faults.{key}"] = str(value)
 
 
 # ---------------------------------------------------------------------
@@ -155,7 +178,7 @@ def drive_node(opts: dict[str, str], index: int,
         if key in _DRIVE_LEGACY or key.split(".")[0] in _DRIVE_LEGACY:
             raise ConfigError(
                 f"qiothread: -drive option '{key}' is not supported")
-        if key not in _DRIVE_KEYS:
+        if key not in _DRIVE_KEYS and not key.startswith("faults."):
             raise ConfigError(f"Block format 'raw' does not support the "
                               f"option '{key}'")
     drive_id = opts.get("id", f"none{index}")
@@ -196,6 +219,8 @@ def drive_node(opts: dict[str, str], index: int,
                  f"'{filename}' and probing guessed raw.")
     for key in ("discard", "detect-zeroes", "locking"):
         _put(options, key, opts.get(key))
+    options.update({k: v for k, v in opts.items()
+                    if k.startswith("faults.")})
     if "aio-max-batch" in opts:
         options["aio-max-batch"] = opts["aio-max-batch"]
     return BlockNodeConfig(name=drive_id, options=options,

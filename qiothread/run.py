@@ -398,8 +398,9 @@ def execute(plan: RunPlan,
             ) -> int:
     """Run ``plan`` and report it; returns the exit status.
 
-    1 when a child failed or a device broke (after reporting what was
-    measured), 0 otherwise -- also after Ctrl-C, as fio exits.
+    1 when a child failed, a device broke, or a job saw an I/O error or
+    a verify mismatch (after reporting what was measured), 0 otherwise
+    -- also after Ctrl-C, as fio exits.
     ``on_json`` gets the JSON document (as ``--output-format=json``
     writes it) after the outputs were written: CI budgets check it.
     """
@@ -438,6 +439,21 @@ def execute(plan: RunPlan,
     for b in outcome.broken:
         sys.stderr.write(f"qiothread: virtio-blk {b}\n")
         status = 1
+    # As fio: a job that saw an I/O error or a verify mismatch fails
+    # the run (exit 1), after its report.
+    for r in outcome.results:
+        name = r.options.name
+        if r.verify_mismatches:
+            first = f" (first: {r.verify_errors[0]})" \
+                if r.verify_errors else ""
+            sys.stderr.write(f"qiothread: job '{name}': "
+                             f"{r.verify_mismatches} verify mismatches"
+                             f"{first}\n")
+            status = 1
+        if r.error:
+            sys.stderr.write(f"qiothread: job '{name}': I/O error: "
+                             f"{os.strerror(r.error)}\n")
+            status = 1
     if outcome.interrupted:
         sys.stderr.write("qiothread: stopped early; the report covers "
                          "what was measured\n")

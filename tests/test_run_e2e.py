@@ -467,3 +467,19 @@ def test_crashed_guest_stops_the_run_and_the_rest_is_reported(
     assert len(doc["jobs"]) == 1 and total_ios(doc) > 0
     for pid in kids:
         assert not Path(f"/proc/{pid}").exists()
+
+
+def test_injected_eio_fails_the_job_as_fio_does(tmp_path: Path) -> None:
+    image = tmp_path / "eio.raw"
+    create_pattern_image(image, 4 << 20)
+    proc = run([
+        "-blockdev", f"driver=file,node-name=f0,filename={image},"
+                     "aio=threads,faults.eio=0+4M",
+        "-object", "iothread,id=io0",
+        "-device", "virtio-blk-pci,drive=f0,iothread=io0",
+        "--rw=randread", "--size=1M", "--output-format=json"])
+    assert proc.returncode == 1
+    assert "job 'job': I/O error: Input/output error" in proc.stderr
+    job = json.loads(proc.stdout)["jobs"][0]
+    # fio stops a job at its first error (continue_on_error=none).
+    assert job["error"] == 5

@@ -223,3 +223,21 @@ def test_default_drive_falls_back_where_o_direct_is_refused(
     assert plan.warnings == [
         f"qiothread: warning: {image}: the file system refuses O_DIRECT; "
         "using aio=threads,cache.direct=off"]
+
+
+def test_fault_options_reach_the_backend(
+        capsys: pytest.CaptureFixture[str], image: Path) -> None:
+    qemu, _ = split_argv([
+        "-blockdev", f"driver=file,node-name=f0,filename={image},"
+                     "faults.latency=200us,faults.eio=0+4096",
+        "-drive", f"if=none,id=d1,file={image},format=raw,"
+                  "faults.stall=1s+10ms"])
+    cfg = build_machine_config(qemu, 1)
+    assert cfg.nodes[0].options["faults.latency"] == "200us"
+    assert cfg.nodes[0].options["faults.eio"] == "0+4096"
+    assert cfg.nodes[1].options["faults.stall"] == "1s+10ms"
+    arg = f"driver=file,node-name=f0,filename={image},faults.bogus=1"
+    assert cli_main(["run", "-blockdev", arg, "-device",
+                     "virtio-blk-pci,drive=f0"]) == 1
+    assert capsys.readouterr().err == (
+        f"qiothread: -blockdev {arg}: Invalid parameter 'faults.bogus'\n")
