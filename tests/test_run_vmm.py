@@ -165,3 +165,51 @@ def test_poll_ns_buckets_get_exact_values_where_unambiguous() -> None:
     assert _label(hist, None) == {0: 5, 2048: 7, 16384: 11, 32768: 13}
     # Two reachable values in one bucket: its lower bound.
     assert _label({15: 3}, {20000, 30000}) == {16384: 3}
+
+
+def test_monitor_reports_broken_devices_once_and_sums_blockstats(
+        ) -> None:
+    """The QMP view of a machine: counters of a device served by two
+    iothreads add up; a broken device gives one event."""
+    from types import SimpleNamespace
+
+    from qiothread.options import build_machine_config
+    from qiothread.qemu_opts import split_argv
+    from qiothread.vmm_qmp import MachineMonitor
+
+    qemu, _ = split_argv([
+        "-object", "iothread,id=a", "-object", "iothread,id=b",
+        "-drive", "if=none,id=d0,file=/tmp/x,format=raw",
+        "-device", '{"driver":"virtio-blk-pci","id":"v0","drive":"d0",'
+                   '"num-queues":2,"iothread-vq-mapping":'
+                   '[{"iothread":"a"},{"iothread":"b"}]}'])
+    cfg = build_machine_config(qemu, 2)
+    with VmmShared(nqueues=2, ndevices=1) as shared:
+        queues = [SimpleNamespace(qslot=q, dslot=0, index=q)
+                  for q in range(2)]
+        machine = SimpleNamespace(config=cfg, shared=shared,
+                                  queues=queues)
+        monitor = MachineMonitor(machine)  # type: ignore[arg-type]
+        events: list[object] = []
+        monitor.add_event_listener(events.append)
+        for q, ops in ((0, 3), (1, 4)):
+            w = shared.acct_words(q)
+            w[_IX["rd_operations"]] = ops
+            w[_IX["rd_bytes"]] = ops * 4096
+            w[_IX["wr_highest_offset"]] = 1000 * (q + 1)
+            shared.queue_stats(q).merges = 1
+        (stats,) = monitor.query_blockstats()
+        assert (stats.device, stats.qdev) == ("d0", "v0")
+        assert (stats.rd_operations, stats.rd_bytes) == (7, 7 * 4096)
+        assert stats.wr_highest_offset == 2000      # a maximum, not a sum
+        assert stats.rd_merged == 2                 # reads only: theirs
+        monitor.check_broken()
+        assert events == []
+        shared.mark_broken(0, "Guest says index 300 is available")
+        monitor.check_broken()
+        monitor.check_broken()
+        (event,) = events
+        assert event.name == "X_QIOTHREAD_DEVICE_BROKEN"  # type: ignore
+        assert event.data == {  # type: ignore[attr-defined]
+            "device": "d0", "qdev": "v0", "queue": 0,
+            "reason": "Guest says index 300 is available"}
