@@ -221,3 +221,52 @@ def test_regression_elements_without_callback_do_not_hide_others(
         assert w.results == {"second": 0} and pool.head == []
     finally:
         pool.close()
+
+
+def _wait_for(ctx: Any, pred: Any, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while not pred():
+        ctx.aio_poll(False)
+        assert time.monotonic() < deadline, what
+        time.sleep(0.005)
+
+
+def test_min_max_changes_at_run_time(ctx: Any) -> None:
+    """thread_pool_update_params: a lower max makes surplus idle workers
+    leave at once (not after the idle timeout), busy ones after their
+    request; a higher min spawns at once; and a queued request waits
+    for the one worker that max allows."""
+    before = len(_workers())
+    pool = ThreadPool(ctx, min_threads=4, max_threads=8,
+                      idle_timeout_s=3600)
+    try:
+        _wait_for(ctx, lambda: pool.idle_threads == 4, "4 idle workers")
+        gate = threading.Event()
+        started = threading.Semaphore(0)
+
+        def job() -> int:
+            started.release()
+            gate.wait(60)
+            return 5
+
+        w = Waiter()
+        pool.submit(job, w.cb("busy"))
+        assert started.acquire(timeout=30)
+        pool.update_params(0, 1)
+        # Three idle ones leave; the busy one stays until it is done.
+        _wait_for(ctx, lambda: pool.cur_threads == 1, "shrink to 1")
+        _wait_for(ctx, lambda: len(_workers()) == before + 1,
+                  "threads gone")
+        pool.submit(lambda: 6, w.cb("queued"))
+        time.sleep(0.2)
+        ctx.aio_poll(False)
+        assert "queued" not in w.results
+        gate.set()
+        run_until(ctx, w.done(2))
+        assert w.results == {"busy": 5, "queued": 6}
+        assert pool.cur_threads == 1
+        pool.update_params(3, 8)
+        _wait_for(ctx, lambda: pool.idle_threads == 3, "grow to 3")
+        assert len(_workers()) == before + 3
+    finally:
+        pool.close()
