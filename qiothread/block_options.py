@@ -117,10 +117,10 @@ def visit_blockdev(v: InputVisitor, prefix: str = "") -> dict[str, Any]:
         for name in ("offset", "size"):
             if v.type_int64(name) is not None:
                 raise ConfigError(
-                    f"qiothread: raw '{name}' is not supported")
+                    f"raw '{name}' is not supported by qiothread")
     else:
-        raise ConfigError(f"qiothread: block driver '{driver}' is not "
-                          "supported (file, host_device and raw are)")
+        raise ConfigError(f"block driver '{driver}' is not supported "
+                          "by qiothread (file, host_device and raw are)")
     v.check_struct()
     return out
 
@@ -172,12 +172,12 @@ def drive_node(opts: dict[str, str], index: int,
     iface = opts.get("if", "ide")
     if iface not in ("none", "virtio"):
         raise ConfigError(
-            f"qiothread: -drive if={iface} is not supported; use if=none "
-            "with -device virtio-blk-pci,drive=ID (or if=virtio)")
+            f"-drive if={iface} is not supported by qiothread; use "
+            "if=none with -device virtio-blk-pci,drive=ID (or if=virtio)")
     for key in opts:
         if key in _DRIVE_LEGACY or key.split(".")[0] in _DRIVE_LEGACY:
             raise ConfigError(
-                f"qiothread: -drive option '{key}' is not supported")
+                f"-drive option '{key}' is not supported by qiothread")
         if key not in _DRIVE_KEYS and not key.startswith("faults."):
             raise ConfigError(f"Block format 'raw' does not support the "
                               f"option '{key}'")
@@ -185,8 +185,8 @@ def drive_node(opts: dict[str, str], index: int,
     fmt = opts.get("format")
     if fmt is not None and fmt != "raw":
         if fmt in _OTHER_FORMATS:
-            raise ConfigError(f"qiothread: format '{fmt}' is not "
-                              "supported (raw only)")
+            raise ConfigError(f"format '{fmt}' is not supported by "
+                              "qiothread (raw only)")
         raise ConfigError(f"'{fmt}' invalid format")
     direct = no_flush = writethrough = False
     if "cache" in opts:

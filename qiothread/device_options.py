@@ -199,7 +199,7 @@ class _Device:
             raise ConfigError("num-queues property must be larger than 0")
         if num_queues > VIRTIO_QUEUE_MAX:
             raise ConfigError(
-                f"qiothread: num-queues {num_queues} is more than the "
+                f"num-queues {num_queues} is more than the "
                 f"{VIRTIO_QUEUE_MAX} queues a virtio device can have")
         size: int = v["queue-size"]
         if size <= 2:

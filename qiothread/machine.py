@@ -154,7 +154,7 @@ def assign_queues(config: MachineConfig, jobs: list[JobOptions]
     """
     if not config.devices:
         raise ConfigError(
-            "qiothread: no virtio-blk device to run the jobs on (add "
+            "no virtio-blk device to run the jobs on (add "
             "-device virtio-blk-pci,drive=...)")
     names = {}
     for i, d in enumerate(config.devices):
@@ -168,7 +168,7 @@ def assign_queues(config: MachineConfig, jobs: list[JobOptions]
             dev = names[job.filename]
         elif job.filename and len(config.devices) > 1:
             raise ConfigError(
-                f"qiothread: job '{job.name}': filename={job.filename} "
+                f"job '{job.name}': filename={job.filename} "
                 "names no device (give a device id or drive)")
         else:
             dev = rr % len(config.devices)
@@ -177,7 +177,7 @@ def assign_queues(config: MachineConfig, jobs: list[JobOptions]
         nq = config.devices[dev].num_queues
         if q >= nq:
             raise ConfigError(
-                f"qiothread: device '{config.devices[dev].id}' has {nq} "
+                f"device '{config.devices[dev].id}' has {nq} "
                 f"queue{'s' if nq > 1 else ''} but more jobs use it; "
                 "each job needs its own queue (raise num-queues)")
         used[dev] += 1

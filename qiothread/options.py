@@ -135,8 +135,8 @@ _CHARDEV_SOCKET_KEYS = ("backend", "id", "path", "server", "wait",
 def _qmp(arg: str, index: int, pretty: bool) -> MonitorConfig:
     backend, _, rest = arg.partition(",")
     if not backend.startswith("unix:"):
-        raise ConfigError("qiothread: only unix:PATH QMP sockets are "
-                          "supported")
+        raise ConfigError("qiothread supports only unix:PATH QMP "
+                          "sockets")
     opts = qemu_opts_parse("qmp", rest, allowed=("server", "wait"))
     return _socket_monitor(backend[5:], opts, pretty,
                            f"compat_monitor{index}")
@@ -146,7 +146,7 @@ def _socket_monitor(path: str, opts: Mapping[str, str], pretty: bool,
                     chardev: str) -> MonitorConfig:
     server = parse_bool("server", opts.get("server", "off"))
     if not server:
-        raise ConfigError("qiothread: QMP sockets must be server=on "
+        raise ConfigError("QMP sockets must be server=on "
                           "(qiothread does not connect out)")
     wait = parse_bool("wait", opts.get("wait", "on"))
     return MonitorConfig(path=path, wait=wait, pretty=pretty,
@@ -161,13 +161,13 @@ def _chardev(arg: str) -> tuple[str, dict[str, str]]:
         raise ConfigError("chardev: no id specified")
     backend = opts.get("backend", "")
     if backend != "socket":
-        raise ConfigError(f"qiothread: chardev backend '{backend}' is "
-                          "not supported (socket is)")
+        raise ConfigError(f"chardev backend '{backend}' is not "
+                          "supported by qiothread (socket is)")
     if "path" not in opts:
         if "host" not in opts:
             raise ConfigError("chardev: socket: no host given")
-        raise ConfigError("qiothread: only UNIX sockets (path=) are "
-                          "supported")
+        raise ConfigError("qiothread supports only UNIX sockets "
+                          "(path=)")
     return ident, opts
 
 
@@ -181,8 +181,8 @@ def _mon(opts: dict[str, str], chardevs: Mapping[str, dict[str, str]]
         raise ConfigError(
             f"Parameter 'mode' does not accept value '{mode}'")
     if mode != "control":
-        raise ConfigError("qiothread: only QMP monitors (mode=control) "
-                          "are supported")
+        raise ConfigError("qiothread supports only QMP monitors "
+                          "(mode=control)")
     pretty = parse_bool("pretty", opts.get("pretty", "off"))
     chr_opts = chardevs.get(chardev)
     if chr_opts is None:
@@ -293,7 +293,7 @@ class _Builder:
             self.cfg.trace.file = arg
             return
         else:
-            raise ConfigError(f"qiothread: unknown option -{option}")
+            raise ConfigError(f"unknown option -{option}")
         group = "node" if option in ("blockdev", "drive") else option
         self.pending[group].append(_Pending(option, arg, parsed))
 
@@ -328,8 +328,8 @@ class _Builder:
         if parsed.help:
             raise HelpRequested(self._dry_root.help_text(parsed))
         if qom_type in _OTHER_QOM_TYPES:
-            raise ConfigError(f"qiothread: object type '{qom_type}' "
-                              "is not supported (iothread is)")
+            raise ConfigError(f"object type '{qom_type}' is not "
+                              "supported by qiothread (iothread is)")
         obj = self._dry_root.object_add(parsed)
         props = {p.name: obj.get(p.name) for p in obj.PROPERTIES}
         self.cfg.iothreads.append(IOThreadConfig(
@@ -366,7 +366,7 @@ class _Builder:
                                   f"node-name='{ref}'")
             if node.format_node is not None:
                 raise ConfigError(
-                    f"qiothread: node '{ref}' is already the file of "
+                    f"node '{ref}' is already the file of "
                     f"'{node.format_node}'")
             self._check_node_name(name)
             node.format_node = name
@@ -375,7 +375,7 @@ class _Builder:
         auto = f"#block{len(self.cfg.nodes):03d}"
         child = {**ref, "node-name": ref.get("node-name", auto)}
         if child["driver"] == "raw":
-            raise ConfigError("qiothread: raw over raw is not supported")
+            raise ConfigError("raw over raw is not supported by qiothread")
         self._add_node(BlockNodeConfig(name=child["node-name"],
                                        options=child, format_node=name))
 

@@ -247,8 +247,8 @@ ERRORS: list[tuple[list[str], str]] = [
      "Parameter 'file.filename' is missing"),
     # -drive
     (["-drive", "if=none,id=d,file=/x,cache=bogus"], "invalid cache option"),
-    (["-drive", "if=ide,file=/x"], "qiothread: -drive if=ide is not "
-     "supported; use if=none with -device virtio-blk-pci,drive=ID (or "
+    (["-drive", "if=ide,file=/x"], "-drive if=ide is not supported by "
+     "qiothread; use if=none with -device virtio-blk-pci,drive=ID (or "
      "if=virtio)"),
     (["-drive", "if=none,id=d,file=/x,aio=bogus"], "invalid aio option"),
     (["-drive", "if=none,id=d,file=/x,format=bogus"],
