@@ -136,23 +136,27 @@ def dio_alignment(fd: int) -> tuple[int, int] | None:
 def probe_dio_alignment(fd: int, max_align: int = 4096) -> int:
     """Find the O_DIRECT offset alignment of ``fd`` by trying reads.
 
-    The fallback when statx does not say, as QEMU's
+    The fallback when statx does not say, as QEMU 7.2's
     ``raw_probe_alignment``: read ``n`` bytes at offset 0 into a page
-    aligned buffer for n = 512, 1024, ... and keep the first size the
-    kernel does not refuse with EINVAL.  A file shorter than the probe
-    still works: a read at EOF returns 0 rather than EINVAL.
+    aligned buffer for n = 1, 512, 1024, 2048, 4096 and keep the first
+    size the kernel does not refuse with EINVAL.  A filesystem that
+    takes even a 1-byte read (tmpfs since Linux 6.6) says nothing about
+    alignment, so QEMU falls back to the safe ``max_align`` then, and so
+    do we.  A file shorter than the probe still works: a read at EOF
+    returns 0 rather than EINVAL.
     """
     buf = mmap.mmap(-1, max_align)
     try:
-        size = 512
-        while size <= max_align:
+        for size in (1, 512, 1024, 2048, 4096):
+            if size > max_align:
+                break
             try:
                 os.preadv(fd, [memoryview(buf)[:size]], 0)
-                return size
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
-                    raise
-            size *= 2
+                    return size if size != 1 else max_align
+                continue
+            return size if size != 1 else max_align
     finally:
         buf.close()
     return max_align

@@ -271,3 +271,37 @@ def test_regression_enum_options_are_checked(image: Path, key: str,
     for ok in ("off", "on"):
         open_blockdev({"driver": "file", "filename": str(image),
                        key: ok}).close()
+
+
+def test_regression_probe_that_takes_one_byte_means_max_alignment(
+        ) -> None:
+    """The probe started at 512, so tmpfs (which takes any O_DIRECT
+    read since Linux 6.6 and reports no STATX_DIOALIGN) got 512; QEMU
+    7.2's raw_probe_alignment tries 1 byte first and, when that works,
+    falls back to the safe 4096."""
+    path = f"/dev/shm/qiothread-probe-{os.getpid()}"
+    with open(path, "wb") as f:
+        f.write(bytes(8192))
+    try:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        except OSError:
+            pytest.skip("this tmpfs refuses O_DIRECT")
+        try:
+            buf = aligned_buffer(4096)
+            if host.dio_alignment(fd) is not None:
+                pytest.skip("this tmpfs reports STATX_DIOALIGN")
+            assert os.preadv(fd, [buf[:1]], 0) == 1
+            assert host.probe_dio_alignment(fd) == 4096
+        finally:
+            os.close(fd)
+        node = open_blockdev({"driver": "file", "filename": path,
+                              "cache.direct": "on"})
+        try:
+            assert node.alignment_source == "probe"
+            assert (node.request_alignment, node.mem_alignment) == \
+                (4096, 4096)
+        finally:
+            node.close()
+    finally:
+        os.unlink(path)
