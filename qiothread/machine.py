@@ -193,7 +193,9 @@ def _memory_size(config: MachineConfig, jobs: list[JobOptions]) -> int:
         total += d.num_queues * (ring + 16 * n + DRIVER_STATS_SIZE
                                  + _GUEST_SCRATCH_PER_ENTRY * n + 256)
     for j in jobs:
-        total += j.iodepth * max(j.bs) + 8192
+        # The job's data buffers (run_job allocates iodepth slots of the
+        # largest block size, page-rounded) and the driver's scratch.
+        total += j.iodepth * -(-max(max(j.bs), 512) // 4096) * 4096 + 8192
     return total
 
 
@@ -456,7 +458,6 @@ class Machine:
             spec = GuestSpec(
                 job=job, driver=driver, mem=self.mem,
                 capacity=bs.length, block_size=vdev.lbs,
-                buffers=self.mem.alloc(job.iodepth * max(job.bs), 4096),
                 result_path=os.path.join(self._results_dir, f"job{j}.pkl"),
                 go_fd=self._go.fileno() if self._go else -1,
                 stop_requested=self.shared.stop_requested)

@@ -55,9 +55,6 @@ class GuestSpec:
     #: The disk's size in bytes, as the guest reads it from the config.
     capacity: int
     block_size: int
-    #: Start of a buffer area reserved for this guest (unused by the
-    #: fio runner, which allocates its own; kept for callers' buffers).
-    buffers: int
     result_path: str
     go_fd: int
     stop_requested: Callable[[], bool]

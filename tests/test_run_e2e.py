@@ -483,3 +483,16 @@ def test_injected_eio_fails_the_job_as_fio_does(tmp_path: Path) -> None:
     job = json.loads(proc.stdout)["jobs"][0]
     # fio stops a job at its first error (continue_on_error=none).
     assert job["error"] == 5
+
+
+def test_regression_large_blocks_fit_in_guest_memory(
+        images: list[Path]) -> None:
+    """Guest memory is sized for each job's iodepth x bs buffers; the
+    VMM once reserved a second, unused set and large blocks ran out."""
+    doc = run_json([
+        "-drive", f"if=none,id=d0,file={images[0]},format=raw,"
+                  "cache=none,aio=native",
+        "-object", "iothread,id=io0",
+        "-device", "virtio-blk-pci,drive=d0,iothread=io0",
+        "--rw=read", "--bs=1M", "--iodepth=16", "--size=32M"])
+    assert doc["jobs"][0]["read"]["total_ios"] == 32
