@@ -17,11 +17,12 @@ A client is dropped, and only that client, when it closes its end, when
 a value exceeds the size limit, or when it stops reading and more than
 ``MAX_OUTPUT_BUFFER`` bytes of answers and events pile up for it.
 
-The socket is bound, made mode 0600, and only then listened on, so no
-one can connect while it still has the umask's permissions (connect to
-a bound socket that does not listen is refused).  A stale socket left
-at the path by a crashed run is replaced, as QEMU does; any other file
-there is an error.
+The socket is bound under a temporary name, made mode 0600, listened
+on, and only then renamed to its path: the path never exists with the
+umask's permissions, and never exists without a listener (a client
+that polls for the file and connects at once is not refused).  A stale
+socket left at the path by a crashed run is replaced, as QEMU does; any
+other file there is an error.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import contextlib
 import itertools
 import logging
 import os
+import secrets
 import socket
 import stat
 import threading
@@ -177,19 +179,33 @@ class QMPServer:
                 raise ConfigError(
                     f"Failed to bind socket to {self.path}: "
                     "Address already in use")
-            self.path.unlink()
+        # Bind under a temporary name, make it 0600, listen, and only
+        # then rename it into place: whoever sees the path can connect
+        # (no ECONNREFUSED window between bind and listen) and it never
+        # has the umask's permissions.  rename() also replaces a stale
+        # socket atomically.  A path too long for a temporary sibling is
+        # bound directly, which is still safe for the permissions since
+        # nobody can connect before listen().
+        tmp = self.path.with_name(f".{self.path.name[:8]}."
+                                  f"{secrets.token_hex(4)}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(os.fspath(self.path))
-            # Before listen(): nobody can connect yet, so the umask's
-            # permissions are never usable.
-            os.chmod(self.path, 0o600)
+            try:
+                sock.bind(os.fspath(tmp))
+            except OSError:
+                tmp = self.path
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                sock.bind(os.fspath(tmp))
+            os.chmod(tmp, 0o600)
             sock.listen(16)
+            if tmp != self.path:
+                os.rename(tmp, self.path)
         except OSError as e:
             sock.close()
             with contextlib.suppress(OSError):
-                if self.path.is_socket():
-                    self.path.unlink()
+                if tmp.is_socket():
+                    tmp.unlink()
             raise ConfigError(
                 f"Failed to bind socket to {self.path}: "
                 f"{e.strerror}") from e

@@ -395,3 +395,27 @@ def test_client_that_stops_reading_is_dropped(server: QMPServer,
         except (EOFError, ConnectionResetError):
             pass
         assert got < n
+
+
+def test_regression_path_appears_only_once_listening(
+        backend: ModelBackend, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Seen in the live test under load: a client that waited for the
+    # file connected between bind() and listen() and was refused.  The
+    # path must not exist until the socket listens with mode 0600.
+    path = tmp_path / "r.sock"
+    seen_at_chmod: list[bool] = []
+    real_chmod = os.chmod
+
+    def chmod(p: Any, mode: int, **kw: Any) -> None:
+        seen_at_chmod.append(path.exists())
+        real_chmod(p, mode, **kw)
+
+    monkeypatch.setattr(os, "chmod", chmod)
+    with QMPServer(backend, path) as srv:
+        assert seen_at_chmod == [False]
+        assert stat.S_IMODE(os.stat(srv.path).st_mode) == 0o600
+        with RawClient(str(srv.path)) as c:
+            c.negotiate()
+    # No temporary name left behind either.
+    assert [p.name for p in tmp_path.iterdir()] == ["disk.img"]
