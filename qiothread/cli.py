@@ -30,6 +30,7 @@ processes, and reports in fio's formats.
 QEMU options (as QEMU spells them):
   -object iothread,id=ID[,poll-max-ns=N][,poll-grow=N][,poll-shrink=N]
           [,aio-max-batch=N][,thread-pool-min=N][,thread-pool-max=N]
+          [,poll-policy=7.2|8.0|8.2|10.0|weighted][,poll-weight=N]
   -blockdev driver=file|host_device,node-name=N,filename=F
           [,aio=threads|native|io_uring][,cache.direct=on|off]...
   -drive if=none,id=ID,file=F,format=raw[,cache=MODE][,aio=ENGINE]
