@@ -188,10 +188,11 @@ class FilePosixNode:
             self.detach_aio_context()
         self.ctx = ctx
         self._pool = aio_get_thread_pool(ctx)
-        self.aio = self.aio_requested
         if self.aio != "threads":
             self._engine = _start_engine(self.aio, ctx)
             if self._engine is None:
+                # For good, as raw_aio_attach_aio_context clears
+                # use_linux_aio / use_linux_io_uring.
                 self.aio = "threads"
         if self.faults is not None:
             self.faults.attach(ctx)
@@ -374,7 +375,7 @@ def _start_engine(aio: str, ctx: AioContextLike) -> AioEngine | None:
         import blockdev.io_uring as io_uring
         return io_uring.luring_get(ctx)
     except BlockError as exc:
-        what = "native AIO" if aio == "native" else "io_uring"
+        what = "native AIO" if aio == "native" else "linux io_uring"
         log.warning("Unable to use %s, falling back to thread pool: %s",
                     what, exc)
         return None

@@ -182,7 +182,8 @@ def test_ring_refused_falls_back_to_threads(
     try:
         node.attach_aio_context(ctx)
         assert node.aio == "threads" and node.aio_requested == "io_uring"
-        assert ("Unable to use io_uring, falling back to thread pool: "
+        assert ("Unable to use linux io_uring, falling back to thread "
+                "pool: "
                 "failed to init linux io_uring ring: Operation not "
                 "permitted" in caplog.text)
         view = aligned_buffer(4096)
@@ -261,3 +262,37 @@ def test_eagain_and_eintr_completions_are_resubmitted(
             if ln.startswith("luring_process_completion ")]
     assert done == [str(-err), str(-err), "4096"]
     assert luring.in_flight == 0 and luring.in_queue == 0
+
+
+def test_regression_fallback_names_linux_io_uring_and_sticks(
+        image: tuple[Path, int], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The warning said "Unable to use io_uring" (QEMU: "Unable to use
+    linux io_uring, falling back to thread pool: "), and the next attach
+    tried the ring again; QEMU clears use_linux_io_uring for good."""
+    from blockdev import io_uring
+    from blockdev.options import open_blockdev
+    from tests.blockdev.conftest import make_context
+
+    calls: list[int] = []
+
+    def refuse(entries: int, ring: object, *a: object) -> int:
+        calls.append(entries)
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(io_uring._uring, "io_uring_queue_init", refuse)
+    node = open_blockdev({"driver": "file", "filename": str(image[0]),
+                          "aio": "io_uring"})
+    ctx1, ctx2 = make_context(), make_context()
+    try:
+        node.attach_aio_context(ctx1)
+        assert caplog.text.count(
+            "Unable to use linux io_uring, falling back to thread pool: "
+            "failed to init linux io_uring ring: Operation not "
+            "permitted") == 1
+        node.attach_aio_context(ctx2)
+        assert node.aio == "threads" and calls == [MAX_ENTRIES]
+    finally:
+        node.close()
+        ctx1.close()
+        ctx2.close()
