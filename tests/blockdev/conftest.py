@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,9 +47,8 @@ def workdir(disk_dir: Path, tmp_path_factory: pytest.TempPathFactory
     d = disk_dir / f"qiothread-blockdev-{os.getpid()}-{time.time_ns()}"
     d.mkdir()
     yield d
-    for p in d.iterdir():
-        p.unlink()
-    d.rmdir()
+    # Whole trees: a failed test may leave a mount point or a subdir.
+    shutil.rmtree(d)
 
 
 def run_until(ctx: Any, pred: Callable[[], bool],
