@@ -6,7 +6,8 @@ of docs/interfaces.md.  What it relies on (reference §12):
 - The descriptor is opened once, in the main process, before the
   iothreads fork; O_DIRECT when ``cache.direct=on``.  ``file`` needs a
   regular file and ``host_device`` a block or character device, with
-  QEMU's messages otherwise.
+  QEMU's messages otherwise; a block device set read-only (BLKROGET)
+  is refused for a writable node, as QEMU's ``check_hdev_writable``.
 - The O_DIRECT alignment (``request_alignment``) is the device's
   logical block size (BLKSSZGET) or, for a file, what statx
   STATX_DIOALIGN reports, else what a probe read finds (blockdev.host).
@@ -131,6 +132,12 @@ class FilePosixNode:
             flags |= os.O_DIRECT
         fd = _qemu_open(self.filename, flags)
         try:
+            # check_hdev_writable: a read-only block device opens O_RDWR
+            # and would fail only at the first write.
+            if (not self.read_only and host.is_block_device(fd)
+                    and host.block_device_read_only(fd)):
+                raise BlockError("The device is not writable: "
+                                 f"{os.strerror(errno.EACCES)}")
             if self.aio_requested == "native" and not self.direct:
                 raise ConfigError(
                     "aio=native was specified, but it requires "

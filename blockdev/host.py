@@ -5,8 +5,11 @@ The kernel contracts this module relies on:
 - ``BLKSSZGET`` (``ioctl(fd, _IO(0x12, 104), int *)``) gives a block
   device's logical block size: the smallest unit the device accepts, and
   the O_DIRECT alignment of offsets and lengths on it.  ``BLKPBSZGET``
-  gives the physical block size (only a hint).  ``BLKGETSIZE64`` gives
-  the size in bytes; ``lseek(SEEK_END)`` gives the same for a device.
+  gives the physical block size (only a hint).  ``BLKROGET`` says
+  whether the device was set read-only (``blockdev --setro``, a
+  read-only loop device), which an O_RDWR open does not refuse.
+  ``BLKGETSIZE64`` gives the size in bytes; ``lseek(SEEK_END)`` gives
+  the same for a device.
 - ``statx(fd, "", AT_EMPTY_PATH, STATX_DIOALIGN)`` (Linux 6.1+) reports,
   for a regular file, the O_DIRECT alignment the filesystem needs for
   file offsets (``stx_dio_offset_align``) and for memory
@@ -43,6 +46,7 @@ __all__ = [
     "FallocFlags",
     "blkdiscard",
     "blkzeroout",
+    "block_device_read_only",
     "block_device_size",
     "dio_alignment",
     "fallocate",
@@ -54,6 +58,7 @@ __all__ = [
 
 # <linux/fs.h>: _IO(0x12, nr) and _IOR(0x12, 114, size_t).
 BLKSSZGET = 0x1268
+BLKROGET = 0x125E
 BLKPBSZGET = 0x127B
 BLKGETSIZE64 = 0x80081272
 BLKDISCARD = 0x1277
@@ -110,6 +115,15 @@ def logical_block_size(fd: int) -> int:
 def physical_block_size(fd: int) -> int:
     """BLKPBSZGET: the physical block size of a block device."""
     return _ioctl_int(fd, BLKPBSZGET, "I")
+
+
+def block_device_read_only(fd: int) -> bool:
+    """BLKROGET: whether a block device is set read-only.
+
+    Such a device still opens O_RDWR (the flag is not a permission);
+    only the writes fail, with EPERM.
+    """
+    return _ioctl_int(fd, BLKROGET, "i") != 0
 
 
 def block_device_size(fd: int) -> int:

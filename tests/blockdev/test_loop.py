@@ -412,3 +412,24 @@ def test_requests_at_the_device_end(loopdev: LoopDevice, ctx: Any,
         assert first_mismatch(mem, 8192, seed=5) is None
     finally:
         node.close()
+
+
+def test_regression_writable_node_on_a_read_only_device_is_refused(
+        workdir: Path) -> None:
+    """A read-only block device opens O_RDWR without complaint, so the
+    node opened and every write then failed; QEMU's check_hdev_writable
+    (BLKROGET) refuses the open: "The device is not writable"."""
+    img = create_pattern_image(workdir / "rodev.img", 1 << 20).path
+    before = _fds()
+    with attach(img, read_only=True) as dev:
+        for direct in ("off", "on"):
+            with pytest.raises(BlockError) as exc:
+                open_blockdev({"driver": "host_device",
+                               "filename": dev.path,
+                               "cache.direct": direct})
+            assert str(exc.value) == ("The device is not writable: "
+                                      "Permission denied")
+        # Read-only nodes on it are fine.
+        open_blockdev({"driver": "host_device", "filename": dev.path,
+                       "read-only": "on"}).close()
+    assert _fds() == before
