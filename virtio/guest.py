@@ -109,7 +109,8 @@ class GuestBlkDriver:
     ``poll_queue`` makes it a polled queue (no interrupts, spin on the
     used ring).  ``wait_deadline_ns`` bounds each sleep; a sleep that
     reaches it is counted as a *lost interrupt* if completions were
-    waiting meanwhile, or as a *stalled wait* if none were.
+    waiting meanwhile, or as a *stalled wait* if none were (and the
+    blocking :meth:`reap` then returns empty-handed).
     """
 
     def __init__(self, mem: GuestMemory, layout: VringLayout,
@@ -245,6 +246,10 @@ class GuestBlkDriver:
     def reap(self, block: bool = False) -> list[Completion]:
         """Completions seen so far; with ``block``, wait for at least one.
 
+        A blocking reap gives up after one wait of ``wait_deadline_ns``
+        that saw nothing (counted in ``stalled_waits``) and returns an
+        empty list, so that a device that stopped answering (broken, or
+        a lost kick) is noticed by the caller instead of hanging it.
         Blocking with nothing in flight returns an empty list at once.
         """
         out: list[Completion] = []
@@ -265,7 +270,7 @@ class GuestBlkDriver:
                 self._collect(out)
             elif time.monotonic_ns() > deadline:
                 self.counters["stalled_waits"] += 1
-                deadline = time.monotonic_ns() + self.wait_deadline_ns
+                return
 
     def _wait(self, out: list[Completion]) -> None:
         c = self.counters
@@ -283,6 +288,7 @@ class GuestBlkDriver:
                 c["lost_interrupts"] += 1
             else:
                 c["stalled_waits"] += 1
+                return
             self._collect(out)
 
     def publish_stats(self) -> None:

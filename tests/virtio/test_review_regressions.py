@@ -14,6 +14,7 @@ from tests.virtio.test_virtqueue import IND, N_, W, make_q
 from virtio.blk_defs import OUTHDR, VirtIOBlkConf
 from virtio.blk_defs import VirtioBlkStatus as S
 from virtio.blk_defs import VirtioBlkType as T
+from virtio.guest import GuestBlkDriver
 from virtio.memory import FIRST_ADDR
 from virtio.ring import USED_ELEM
 
@@ -244,5 +245,38 @@ def test_get_id_with_status_sharing_the_id_buffer() -> None:
         got = drv.get_buf()
         assert got is not None and got[1] == 21
         assert d.mem.read(buf, 21) == b"v" * 20 + bytes([S.OK])
+    finally:
+        d.close()
+
+
+# -- a blocking reap does not hang on a device that stopped answering ----
+
+
+@pytest.mark.parametrize("poll_queue", [False, True],
+                         ids=["interrupts", "polled"])
+def test_regression_blocking_reap_returns_after_a_stalled_wait(
+        poll_queue: bool) -> None:
+    # The device never runs (nobody reads the kick).  Before the fix
+    # reap(block=True) counted the stall and went back to sleep for
+    # ever, so the "lost kick" checks of the two-process tests could
+    # only hang, never fail.
+    d = make_disk(guest=False)
+    try:
+        q = d.queues[0]
+        g = GuestBlkDriver(d.mem, q.layout, d.dev.guest_features,
+                           q.host_notifier, q.guest_notifier,
+                           poll_queue=poll_queue,
+                           wait_deadline_ns=30_000_000)
+        d.guests.append(g)
+        buf = d.mem.alloc(512)
+        g.submit(T.IN, 0, [(buf, 512)])
+        assert g.reap(block=True) == []
+        assert g.counters["stalled_waits"] == 1
+        assert g.in_flight == 1
+        # The device answers after all: the next reap gets it.
+        d.dev.handle_vq(0)
+        d.settle()
+        (c,) = g.reap(block=True)
+        assert c.status == S.OK and g.counters["completed"] == 1
     finally:
         d.close()
