@@ -426,7 +426,16 @@ def execute(plan: RunPlan,
         if plan.output:
             out = stack.enter_context(
                 open(plan.output, "w", encoding="utf-8"))
-        write_outputs(plan, report, out, outcome)
+        try:
+            write_outputs(plan, report, out, outcome)
+            out.flush()
+        except BrokenPipeError:
+            # The reader went away (``| head``): what it read is what
+            # it wanted.  Point stdout at /dev/null so that the
+            # interpreter's final flush does not fail again.
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
     if on_json is not None:
         from qiothread.report.fio_json import build_fio_json
         doc = build_fio_json(report)
