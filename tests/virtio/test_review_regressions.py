@@ -6,11 +6,13 @@ in real shared memory.
 
 from __future__ import annotations
 
+import struct
+
 import pytest
 
-from qiothread.errors import ConfigError
+from qiothread.errors import ConfigError, VirtioError
 from tests.virtio.harness import make_disk, raw_driver
-from tests.virtio.test_virtqueue import IND, N_, W, make_q
+from tests.virtio.test_virtqueue import IND, N_, Q, W, make_q
 from virtio.blk_defs import OUTHDR, VirtIOBlkConf
 from virtio.blk_defs import VirtioBlkStatus as S
 from virtio.blk_defs import VirtioBlkType as T
@@ -278,5 +280,151 @@ def test_regression_blocking_reap_returns_after_a_stalled_wait(
         d.settle()
         (c,) = g.reap(block=True)
         assert c.status == S.OK and g.counters["completed"] == 1
+    finally:
+        d.close()
+
+
+# -- indirect tables and addresses: QEMU's exact treatment ---------------
+
+
+def _q_case() -> Q:
+    return make_q()
+
+
+def _close(q: Q) -> None:
+    q.kick.close()
+    q.call.close()
+    q.mem.close()
+
+
+def test_nested_indirect_is_a_plain_buffer_as_in_qemu() -> None:
+    # virtqueue_split_pop looks at INDIRECT on the ring's head only; an
+    # entry of the table that says INDIRECT is mapped as a buffer.
+    q = _q_case()
+    try:
+        table = q.mem.alloc(48, 16)
+        q.desc(0, q.buf, 16, IND | N_, 1, table=table)
+        q.desc(1, q.buf + 64, 1, W, table=table)
+        q.desc(0, table, 32, IND)
+        q.publish_raw(0)
+        elem = q.vq.pop()
+        assert elem is not None and not q.vdev.broken
+        assert [len(v) for v in elem.out_sg] == [16]
+        assert elem.out_addr == [q.buf] and elem.in_addr == [q.buf + 64]
+    finally:
+        _close(q)
+
+
+def test_indirect_head_with_next_ignores_next() -> None:
+    # The head's NEXT (and its next index, even out of range) no longer
+    # matters once the walk has switched to the table.
+    q = _q_case()
+    try:
+        table = q.mem.alloc(32, 16)
+        q.desc(0, q.buf, 16, N_, 1, table=table)
+        q.desc(1, q.buf + 64, 1, W, table=table)
+        q.desc(0, table, 32, IND | N_, 999)
+        q.publish_raw(0)
+        elem = q.vq.pop()
+        assert elem is not None and not q.vdev.broken
+        assert elem.index == 0 and q.vq.inuse == 1
+        assert [len(v) for v in elem.in_sg] == [1]
+    finally:
+        _close(q)
+
+
+@pytest.mark.parametrize("length", [0, 8, 15, 17, 40])
+def test_indirect_length_not_a_multiple_of_16(length: int) -> None:
+    q = _q_case()
+    try:
+        q.desc(0, q.buf, length, IND)
+        q.publish_raw(0)
+        with pytest.raises(VirtioError,
+                           match=r"^Invalid size for indirect buffer table$"):
+            q.vq.pop()
+        # The head was consumed, nothing is in use, nothing pushed.
+        assert (q.vq.last_avail_idx, q.vq.inuse, q.vq.used_idx) == (1, 0, 0)
+        assert q.vq.pop() is None and q.vq.is_empty()
+    finally:
+        _close(q)
+
+
+@pytest.mark.parametrize(("addr", "length", "flags", "message"), [
+    (2**64 - 16, 32, 0, "virtio: bogus descriptor or out of resources"),
+    (2**64 - 1, 1, W, "virtio: bogus descriptor or out of resources"),
+    (FIRST_ADDR, 0xFFFFFFFF, 0,
+     "virtio: bogus descriptor or out of resources"),
+    (2**64 - 16, 16, IND, "Cannot map indirect buffer"),
+    (FIRST_ADDR, 0xFFFFFFF0, IND, "Cannot map indirect buffer"),
+])
+def test_addresses_outside_guest_memory_are_clean_errors(
+        addr: int, length: int, flags: int, message: str) -> None:
+    q = _q_case()
+    try:
+        q.desc(0, addr, length, flags)
+        q.publish_raw(0)
+        with pytest.raises(VirtioError) as ei:
+            q.vq.pop()
+        assert str(ei.value) == message == q.vdev.broken_reason
+        assert q.vq.inuse == 0
+    finally:
+        _close(q)
+
+
+# -- used.len is every writable byte, whatever the outcome ---------------
+
+_SEG = struct.Struct("<QII")
+# (type, sector, DWZ segment or None, expected status)
+_CASES = [
+    (T.IN, 0, None, S.OK),
+    (T.OUT, 0, None, S.OK),
+    (T.FLUSH, 0, None, S.OK),
+    (T.GET_ID, 0, None, S.OK),
+    (T.IN, 1 << 40, None, S.IOERR),                   # past the end
+    (T.OUT, 1, None, S.OK),
+    (T.SCSI_CMD, 0, None, S.IOERR),
+    (99, 0, None, S.UNSUPP),
+    (T.DISCARD, 0, (0, 8, 0), S.OK),
+    (T.DISCARD, 0, (0, 8, 1), S.UNSUPP),              # UNMAP on discard
+    (T.WRITE_ZEROES, 0, (0, 8, 1), S.OK),
+    (T.WRITE_ZEROES, 0, (0, 8, 2), S.UNSUPP),         # unknown flag
+    (T.WRITE_ZEROES, 0, (0, 0xFFFFFFFF, 0), S.IOERR),  # > max sectors
+    (T.DISCARD, 0, (1 << 40, 8, 0), S.IOERR),          # out of range
+]
+
+
+@pytest.mark.parametrize(("rtype", "sector", "seg", "status"), _CASES)
+@pytest.mark.parametrize("writable", [[1], [512, 1], [7, 3, 9]],
+                         ids=["status", "data+status", "three"])
+def test_used_len_is_all_writable_bytes(rtype: int, sector: int,
+                                        seg: tuple[int, int, int] | None,
+                                        status: int,
+                                        writable: list[int]) -> None:
+    d = make_disk(guest=False)
+    try:
+        hdr = d.mem.alloc(16)
+        OUTHDR.pack_into(d.mem.buf, hdr, int(rtype), 0, sector)
+        out = [(hdr, 16)]
+        if seg is not None:
+            a = d.mem.alloc(16)
+            _SEG.pack_into(d.mem.buf, a, *seg)
+            out.append((a, 16))
+        elif rtype == T.OUT:
+            out.append((d.mem.alloc(512), 512))
+        ins = [(d.mem.alloc(n), n) for n in writable]
+        drv = raw_driver(d)
+        drv.add(out, ins)
+        d.dev.handle_vq(0)
+        d.settle()
+        got = drv.get_buf()
+        assert got is not None and not d.dev.broken
+        last_addr, last_len = ins[-1]
+        expect = status
+        if (rtype, writable) == (T.IN, [7, 3, 9]) and status == S.OK:
+            expect = S.IOERR          # 18 data bytes: not whole sectors
+        if rtype == T.SCSI_CMD:
+            expect = S.IOERR          # one out segment: too few for SCSI
+        assert d.mem.buf[last_addr + last_len - 1] == expect
+        assert got[1] == sum(writable)
     finally:
         d.close()
