@@ -2,8 +2,8 @@
 
 What QEMU's ``include/block/raw-aio.h`` and the ``handle_aiocb_*``
 functions of ``block/file-posix.c`` are for us: the request types with
-QEMU's numbers (they appear in the ``file_paio_submit`` and
-``luring_co_submit`` traces), the one request record every engine
+QEMU's numbers (they appear in the ``luring_co_submit`` trace), the
+one request record every engine
 takes, and the blocking functions a thread-pool worker runs.
 
 The kernel contracts relied on:
@@ -71,12 +71,16 @@ class AioType(enum.IntFlag):
     MISALIGNED = 0x1000
     #: The node is a block device (BLKDISCARD / BLKZEROOUT).
     BLKDEV = 0x2000
-    #: WRITE_ZEROES may deallocate (``BDRV_REQ_MAY_UNMAP``).
-    MAY_UNMAP = 0x4000
+    #: WRITE_ZEROES may deallocate (``BDRV_REQ_MAY_UNMAP``): QEMU marks
+    #: it with the DISCARD bit (``WRITE_ZEROES | DISCARD``, type 0x30).
+    MAY_UNMAP = 0x0010
 
     @property
     def op(self) -> AioType:
-        """The operation without the flags."""
+        """The operation without the flags (WRITE_ZEROES wins over the
+        DISCARD bit that marks MAY_UNMAP)."""
+        if self & AioType.WRITE_ZEROES:
+            return AioType.WRITE_ZEROES
         return self & 0x00FF
 
 
@@ -98,6 +102,10 @@ class RawAIOCB:
     #: Serialises the node's read-modify-writes (bounce path; any
     #: worker thread).
     rmw_lock: threading.Lock | None = None
+    #: file-posix's has_write_zeroes: False for a block device without
+    #: O_DIRECT, where BLKZEROOUT is not trusted (page cache), so zeroes
+    #: are written as data instead.
+    has_write_zeroes: bool = True
 
 
 class BHLike(Protocol):
@@ -290,23 +298,27 @@ def _rw_bounce(req: RawAIOCB) -> int:
 
 
 def _write_zero_buffers(req: RawAIOCB) -> int:
-    chunk = 1 << 20
-    zeros = mmap.mmap(-1, min(chunk, max(req.nbytes, 1)))
+    """Write zeroes as data (the block layer's fall-back), 1 MiB a go."""
+    zeros = mmap.mmap(-1, min(1 << 20, max(req.nbytes, 1)))
+    view = memoryview(zeros)
     try:
         pos = 0
         while pos < req.nbytes:
             n = min(len(zeros), req.nbytes - pos)
-            sub = RawAIOCB(AioType.WRITE, req.fd, req.offset + pos, n,
-                           [memoryview(zeros)[:n]], req.align,
-                           req.rmw_lock)
-            ret = (_rw_direct(sub) if n % req.align == 0
-                   and (req.offset + pos) % req.align == 0
-                   else _rw_bounce(sub))
+            with view[:n] as part:
+                sub = RawAIOCB(AioType.WRITE, req.fd, req.offset + pos, n,
+                               [part], req.align, req.rmw_lock)
+                ret = (_rw_direct(sub) if n % req.align == 0
+                       and (req.offset + pos) % req.align == 0
+                       else _rw_bounce(sub))
             if ret < 0:
                 return ret
             pos += n
         return 0
     finally:
+        # Every export released first, else close() raises BufferError
+        # (which the worker turned into EIO for every such request).
+        view.release()
         zeros.close()
 
 
@@ -326,7 +338,18 @@ def _discard(req: RawAIOCB) -> int:
 
 def _write_zeroes(req: RawAIOCB) -> int:
     if req.type & AioType.BLKDEV:
-        ret = host.blkzeroout(req.fd, req.offset, req.nbytes)
+        ret = -errno.EOPNOTSUPP
+        if req.type & AioType.MAY_UNMAP:
+            # As handle_aiocb_write_zeroes_unmap: deallocate-and-zero
+            # first (a device's fallocate), then BLKZEROOUT.
+            ret = host.fallocate(
+                req.fd,
+                host.FallocFlags.PUNCH_HOLE | host.FallocFlags.KEEP_SIZE,
+                req.offset, req.nbytes)
+            if ret == -errno.EBUSY:
+                ret = -errno.EOPNOTSUPP
+        if ret in _NOT_SUPPORTED and req.has_write_zeroes:
+            ret = host.blkzeroout(req.fd, req.offset, req.nbytes)
     else:
         ret = -errno.EOPNOTSUPP
         if req.type & AioType.MAY_UNMAP:

@@ -433,3 +433,95 @@ def test_regression_writable_node_on_a_read_only_device_is_refused(
         open_blockdev({"driver": "host_device", "filename": dev.path,
                        "read-only": "on"}).close()
     assert _fds() == before
+
+
+def _types_run(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    from blockdev import file_posix
+    seen: list[int] = []
+    real = file_posix.handle_aiocb
+
+    def spy(req: RawAIOCB) -> int:
+        seen.append(int(req.type))
+        return real(req)
+
+    monkeypatch.setattr(file_posix, "handle_aiocb", spy)
+    return seen
+
+
+@pytest.mark.parametrize("direct", ["on", "off"])
+def test_regression_write_zeroes_on_a_device_as_qemu(
+        workdir: Path, ctx: Any, monkeypatch: pytest.MonkeyPatch,
+        direct: str) -> None:
+    """WRITE_ZEROES on a block device, as file-posix does it:
+
+    - with MAY_UNMAP the request type is WRITE_ZEROES|DISCARD|BLKDEV
+      (0x2030; was 0x6020) and the device is first asked to deallocate
+      (fallocate PUNCH_HOLE, which a loop device passes on as a hole in
+      its backing file; BLKZEROOUT kept the range allocated);
+    - without O_DIRECT BLKZEROOUT is not used at all (has_write_zeroes
+      is false there: page cache), zeroes are written as data.
+    """
+    img = create_pattern_image(workdir / "wz.img", 1 << 20, seed=8).path
+    zeroouts: list[tuple[int, int]] = []
+    real_zeroout = host.blkzeroout
+
+    def blkzeroout(fd: int, offset: int, length: int) -> int:
+        zeroouts.append((offset, length))
+        return real_zeroout(fd, offset, length)
+
+    monkeypatch.setattr(host, "blkzeroout", blkzeroout)
+    seen = _types_run(monkeypatch)
+    with attach(img, block_size=4096) as dev:
+        node = open_blockdev({"driver": "host_device", "filename": dev.path,
+                              "cache.direct": direct, "discard": "unmap"})
+        node.attach_aio_context(ctx)
+        try:
+            w = Waiter()
+            node.pwrite_zeroes(65536, 65536, True, w.cb("unmap"))
+            node.pwrite_zeroes(4 * 65536, 65536, False, w.cb("keep"))
+            run_until(ctx, w.done(2))
+            assert w.results == {"unmap": 0, "keep": 0}
+            view = aligned_buffer(65536)
+            for off in (65536, 4 * 65536):
+                node.preadv(off, [view], w.cb(off))
+                run_until(ctx, w.done(len(w.results) + 1))
+                assert bytes(view) == bytes(65536)
+            node.preadv(2 * 65536, [view], w.cb("kept"))
+            run_until(ctx, w.done(len(w.results) + 1))
+            assert first_mismatch(view, 2 * 65536, seed=8) is None
+        finally:
+            node.close()
+    assert seen[:2] == [0x2030, 0x2020]
+    # Only the non-unmapping request may use BLKZEROOUT, and only with
+    # O_DIRECT.
+    assert zeroouts == ([(4 * 65536, 65536)] if direct == "on" else [])
+    fd = os.open(img, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 65536, os.SEEK_HOLE) == 65536
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("aio", ENGINES)
+def test_regression_write_zeroes_fall_back_writes_zeroes(
+        workdir: Path, ctx: Any, aio: str) -> None:
+    """The fall-back that writes zeroes as data always failed with EIO:
+    closing its buffer while a view was still exported raised
+    BufferError in the worker.  A WRITE_ZEROES that breaks the 4096
+    alignment of the device takes it (BLKZEROOUT refuses it)."""
+    img = create_pattern_image(workdir / "fb.img", 1 << 20, seed=9).path
+    with attach(img, block_size=4096) as dev:
+        node = _node(dev, aio, ctx)
+        try:
+            w = Waiter()
+            node.pwrite_zeroes(4096 + 512, 1024, False, w.cb("z"))
+            run_until(ctx, w.done(1))
+            assert w.results == {"z": 0}
+            view = aligned_buffer(8192)
+            node.preadv(4096, [view], w.cb("r"))
+            run_until(ctx, w.done(2))
+            assert bytes(view[512:1536]) == bytes(1024)
+            assert first_mismatch(view[:512], 4096, seed=9) is None
+            assert first_mismatch(view[1536:], 4096 + 1536, seed=9) is None
+        finally:
+            node.close()
