@@ -57,7 +57,6 @@ from blockdev.thread_pool import (
     aio_get_thread_pool,
     aio_put_thread_pool,
 )
-from qiothread import trace_events as trace
 from qiothread.errors import BlockError, ConfigError
 
 __all__ = ["FileOptions", "FilePosixNode"]
@@ -271,9 +270,13 @@ class FilePosixNode:
         t = self._dev_flags(AioType.WRITE_ZEROES)
         if may_unmap and self.discard_unmap:
             t |= AioType.MAY_UNMAP
+        # raw_open_common: BLKZEROOUT on a block device only with
+        # O_DIRECT (it could leave stale data in the page cache).
         self._submit(RawAIOCB(t, self.fd, offset, nbytes,
                               align=self.request_alignment,
-                              rmw_lock=self.rmw_lock), cb)
+                              rmw_lock=self.rmw_lock,
+                              has_write_zeroes=self.direct
+                              or not self.is_blkdev), cb)
 
     def io_plug(self) -> None:
         """Hold submissions back until the matching io_unplug."""
@@ -327,9 +330,9 @@ class FilePosixNode:
             eng.submit(req, cb, self.aio_max_batch)
             return
         assert self._pool is not None
-        if trace.file_paio_submit.enabled:
-            trace.file_paio_submit(req, cb, req.offset, req.nbytes,
-                                   int(req.type))
+        # No file_paio_submit here: QEMU 7.2 emits it only in
+        # file-win32.c; on Linux the pool's own thread_pool_submit is
+        # the trace of this step.
         self._pool.submit(lambda: handle_aiocb(req), cb)
 
     def _complete_soon(self, cb: CompletionCB, ret: int) -> None:
