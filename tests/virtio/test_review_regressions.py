@@ -12,13 +12,22 @@ import pytest
 
 from qiothread.errors import ConfigError, VirtioError
 from tests.virtio.harness import make_disk, raw_driver
-from tests.virtio.test_virtqueue import IND, N_, Q, W, make_q
+from tests.virtio.test_virtqueue import (
+    BASE,
+    EVENT_IDX,
+    IND,
+    N_,
+    Q,
+    W,
+    make_q,
+    preset_indices,
+)
 from virtio.blk_defs import OUTHDR, VirtIOBlkConf
 from virtio.blk_defs import VirtioBlkStatus as S
 from virtio.blk_defs import VirtioBlkType as T
 from virtio.guest import GuestBlkDriver
 from virtio.memory import FIRST_ADDR
-from virtio.ring import USED_ELEM
+from virtio.ring import USED_ELEM, avail_event_offset
 
 # -- a broken device writes nothing more into the used ring --------------
 
@@ -428,3 +437,53 @@ def test_used_len_is_all_writable_bytes(rtype: int, sector: int,
         assert got[1] == sum(writable)
     finally:
         d.close()
+
+
+# -- EVENT_IDX decisions exactly at the 65535 -> 0 wrap -------------------
+
+
+def test_event_idx_kicks_and_interrupts_across_the_wrap() -> None:
+    q = make_q(num=4, features=BASE | EVENT_IDX)
+    try:
+        preset_indices(q, 65534)
+        q.vq.signalled_used_valid = True
+        avail_event = q.vq.used + avail_event_offset(4)
+
+        def publish() -> bool:
+            q.drv.add([(q.buf, 1)], [])
+            return q.drv.kick_prepare()
+
+        # The device wants a kick at 65534 (what enabling wrote).
+        q.vq.set_notification(True)
+        assert q.u16(avail_event) == 65534
+        assert publish() is True                 # 65534 -> 65535
+        e1 = q.vq.pop()
+        assert e1 is not None and q.u16(avail_event) == 65535
+        assert publish() is True                 # 65535 -> 0 passes it
+        e2 = q.vq.pop()
+        assert e2 is not None and q.vq.last_avail_idx == 0
+        assert q.u16(avail_event) == 0
+        # Kicks off (poll mode): avail_event stays at 0.
+        q.vq.set_notification(False)
+        assert publish() is True                 # 0 -> 1 passes 0
+        assert publish() is False                # 1 -> 2 does not
+        assert q.u16(avail_event) == 0
+        e3, e4 = q.vq.pop(), q.vq.pop()
+        assert e3 is not None and e4 is not None
+        assert q.u16(avail_event) == 0           # pop writes nothing
+
+        # Interrupts: the guest wants one when used.idx passes 65535.
+        q.set_used_event(65535)
+        q.vq.push(e1, 0)                         # used 65534 -> 65535
+        assert q.vq.should_notify() is False
+        q.vq.push(e2, 0)                         # 65535 -> 0: passes it
+        assert q.vq.should_notify() is True
+        assert q.vq.signalled_used == 0
+        q.set_used_event(0)
+        q.vq.fill(e3, 0, 0)
+        q.vq.fill(e4, 0, 1)
+        q.vq.flush(2)                            # 0 -> 2 passes 0
+        assert q.vq.should_notify() is True
+        assert (q.vq.used_idx, q.vq.inuse) == (2, 0)
+    finally:
+        _close(q)
