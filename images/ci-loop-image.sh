@@ -5,9 +5,11 @@
 # stderr; holds the device until killed.  Autoclear removes the device
 # whenever this process goes away, kill -9 included.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 image=${1:?usage: $0 IMAGE SIZE [BLOCK_SIZE] [SEED]}
 size=${2:?usage: $0 IMAGE SIZE [BLOCK_SIZE] [SEED]}
+# IMAGE is relative to the caller's directory, not to the repository.
+image=$(realpath -m -- "$image")
+cd "$(dirname "$0")/.."
 bs=${3:-512}
 seed=${4:-0}
 py=${PYTHON:-.venv/bin/python}

@@ -21,7 +21,7 @@ import pytest
 
 from blockdev import host
 from blockdev import loop as loop_mod
-from blockdev.images import create_pattern_image, first_mismatch
+from blockdev.images import check_pattern, create_pattern_image, first_mismatch
 from blockdev.loop import LoopDevice, attach, loop_info
 from blockdev.options import open_blockdev
 from blockdev.raw_aio import AioType, RawAIOCB
@@ -525,3 +525,35 @@ def test_regression_write_zeroes_fall_back_writes_zeroes(
             assert first_mismatch(view[1536:], 4096 + 1536, seed=9) is None
         finally:
             node.close()
+
+
+def test_regression_ci_script_takes_the_image_path_from_the_caller(
+        workdir: Path) -> None:
+    """images/ci-loop-image.sh changed to the repository before using a
+    relative IMAGE, so the image landed in the repository."""
+    script = REPO / "images" / "ci-loop-image.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.Popen([str(script), "ci.img", "1M", "4096", "3"],
+                            cwd=workdir, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stderr is not None
+        dev = proc.stdout.readline().strip()
+        assert dev.startswith("/dev/loop"), proc.stderr.read()
+        assert loop_info(dev)["backing_file"] == str(workdir / "ci.img")
+        assert loop_info(dev)["logical_block_size"] == "4096"
+        proc.terminate()
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    assert not (REPO / "ci.img").exists()
+    assert check_pattern(workdir / "ci.img", seed=3) is None
+    deadline = time.monotonic() + 30
+    while _bound_to(workdir / "ci.img"):
+        assert time.monotonic() < deadline, "device left behind"
+        time.sleep(0.05)
