@@ -38,12 +38,13 @@ import stat
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from blockdev.options import parse_cache_mode
 from qiothread.errors import ConfigError
 from qiothread.keyval import InputVisitor
 from qiothread.qemu_opts import parse_bool
 from qiothread.vmconfig import BlockNodeConfig
 
-__all__ = ["DRIVE_CACHE_MODES", "drive_node", "visit_blockdev"]
+__all__ = ["drive_node", "visit_blockdev"]
 
 
 #: QEMU 7.2's ``BlockdevDriver`` values; only the first three run here.
@@ -146,16 +147,6 @@ def _faults(v: InputVisitor, prefix: str, out: dict[str, Any]) -> None:
 # ---------------------------------------------------------------------
 # -drive (legacy): mapped onto the same nodes as QEMU maps it
 
-#: ``-drive cache=`` (``bdrv_parse_cache_mode``, reference §12):
-#: mode -> (cache.direct, cache.no-flush, writethrough)
-DRIVE_CACHE_MODES: dict[str, tuple[bool, bool, bool]] = {
-    "writeback": (False, False, False),
-    "none": (True, False, False),
-    "off": (True, False, False),
-    "writethrough": (False, False, True),
-    "directsync": (True, False, True),
-    "unsafe": (False, True, False),
-}
 _DRIVE_KEYS = ("if", "id", "file", "format", "cache", "aio", "readonly",
                "read-only", "cache.direct", "cache.no-flush",
                "node-name", "media", "discard", "detect-zeroes",
@@ -190,10 +181,9 @@ def drive_node(opts: dict[str, str], index: int,
         raise ConfigError(f"'{fmt}' invalid format")
     direct = no_flush = writethrough = False
     if "cache" in opts:
-        mode = DRIVE_CACHE_MODES.get(opts["cache"])
-        if mode is None:
-            raise ConfigError("invalid cache option")
-        direct, no_flush, writethrough = mode
+        mode = parse_cache_mode(opts["cache"])
+        direct, no_flush = mode.direct, mode.no_flush
+        writethrough = not mode.writeback
     if "cache.direct" in opts:
         direct = parse_bool("cache.direct", opts["cache.direct"])
     if "cache.no-flush" in opts:
