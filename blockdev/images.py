@@ -7,9 +7,13 @@ written in full, and its content can be checked afterwards.
 The pattern: each 512-byte sector is 64 little-endian u64 words; word
 ``k`` of the sector at byte offset ``off`` is::
 
-    (off + 8 * k) ^ (seed * 0x9E3779B97F4A7C15 mod 2**64)
+    (off + 8 * k) ^ key,   key = (seed * 0x9E3779B97F4A7C15 mod 2**64)
+                                  | 2**63
 
-so every 8 bytes of the image name their own offset, under a seed.  A
+so every 8 bytes of the image name their own offset, under a seed.  The
+key's top bit is always set, so no word of an image (below 2**63 bytes)
+is zero, whatever the seed: zeroes from a hole or a zero-filled buffer
+never pass for the pattern, not even in the first word of seed 0.  A
 read that returns the wrong sector, a stale buffer, zeroes from a hole
 or a torn write shows up as a mismatch at a known offset, and
 :func:`check_pattern` reports the first one.  numpy makes generation and
@@ -47,7 +51,7 @@ _CHUNK = 8 << 20
 
 
 def _key(seed: int) -> np.uint64:
-    return np.uint64((seed * _GOLDEN) & 0xFFFFFFFFFFFFFFFF)
+    return np.uint64((seed * _GOLDEN) & 0xFFFFFFFFFFFFFFFF | 1 << 63)
 
 
 def _words(offset: int, nbytes: int, seed: int) -> npt.NDArray[np.uint64]:

@@ -10,6 +10,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -149,7 +150,7 @@ def test_checker_catches_one_flipped_bit_anywhere(seed: int, where: int,
 
 @settings(max_examples=25, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(seed=st.integers(1, 2**32), first=st.integers(0, 255),
+@given(seed=st.integers(0, 2**32), first=st.integers(0, 255),
        count=st.integers(1, 16))
 def test_checker_catches_a_punched_hole(workdir: Path, seed: int,
                                         first: int, count: int) -> None:
@@ -190,3 +191,16 @@ def test_regression_killed_creator_leaves_no_orphan(workdir: Path) -> None:
     assert len(list(workdir.glob(".k.img.*.partial"))) == 1
     create_pattern_image(target, 1 << 20)
     assert [p.name for p in workdir.iterdir()] == ["k.img"]
+
+
+def test_regression_seed_0_has_no_zero_word() -> None:
+    """With seed 0 the key was 0, so the word at offset 0 was zero: a
+    buffer whose first 8 bytes were zeroed passed the check, and a hole
+    at offset 0 was reported at offset 8."""
+    data = bytearray(pattern_bytes(0, 4096, seed=0))
+    assert first_mismatch(data, 0, seed=0) is None
+    data[:8] = bytes(8)
+    assert first_mismatch(data, 0, seed=0) == 0
+    assert first_mismatch(bytes(4096), 0, seed=0) == 0
+    words = np.frombuffer(pattern_bytes(0, 1 << 20, seed=0), dtype="<u8")
+    assert int(np.count_nonzero(words == 0)) == 0
