@@ -68,10 +68,21 @@ def pattern_bytes(offset: int, nbytes: int, seed: int = 0) -> bytes:
 
 def first_mismatch(data: bytes | bytearray | memoryview, offset: int,
                    seed: int = 0) -> int | None:
-    """The image offset of the first 8 bytes that break the pattern."""
-    got = np.frombuffer(data, dtype="<u8")
-    bad = np.flatnonzero(got != _words(offset, len(got) * 8, seed))
-    return None if bad.size == 0 else offset + int(bad[0]) * 8
+    """The image offset of the first 8 bytes that break the pattern.
+
+    ``offset`` is a multiple of 8; a tail shorter than 8 bytes (a file
+    cut at an odd size) is compared with the start of its word.
+    """
+    whole = len(data) - len(data) % 8
+    got = np.frombuffer(data, dtype="<u8", count=whole // 8)
+    bad = np.flatnonzero(got != _words(offset, whole, seed))
+    if bad.size:
+        return offset + int(bad[0]) * 8
+    if whole < len(data):
+        want = pattern_bytes(offset + whole, 8, seed)
+        if bytes(data[whole:]) != want[:len(data) - whole]:
+            return offset + whole
+    return None
 
 
 @dataclass(frozen=True, slots=True)

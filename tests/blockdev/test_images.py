@@ -204,3 +204,16 @@ def test_regression_seed_0_has_no_zero_word() -> None:
     assert first_mismatch(bytes(4096), 0, seed=0) == 0
     words = np.frombuffer(pattern_bytes(0, 1 << 20, seed=0), dtype="<u8")
     assert int(np.count_nonzero(words == 0)) == 0
+
+
+def test_regression_odd_sized_file_is_checked_not_crashed(
+        workdir: Path) -> None:
+    """A file cut at a size that is not a multiple of 8 made the checker
+    raise ValueError (numpy) instead of checking the tail."""
+    info = create_pattern_image(workdir / "odd.img", 4096, seed=2)
+    os.truncate(info.path, 4093)
+    assert check_pattern(info.path, seed=2) is None
+    with open(info.path, "r+b") as f:
+        f.seek(4091)
+        f.write(b"\xff")
+    assert check_pattern(info.path, seed=2) == 4088
