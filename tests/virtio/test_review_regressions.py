@@ -12,6 +12,8 @@ import pytest
 
 from qiothread.errors import ConfigError, VirtioError
 from tests.virtio.harness import make_disk, raw_driver
+from tests.virtio.test_merge import K4, one_kick, writes
+from tests.virtio.test_merge import disk as merge_disk
 from tests.virtio.test_virtqueue import (
     BASE,
     EVENT_IDX,
@@ -22,6 +24,7 @@ from tests.virtio.test_virtqueue import (
     make_q,
     preset_indices,
 )
+from virtio.blk import VirtIOBlock
 from virtio.blk_defs import OUTHDR, VirtIOBlkConf
 from virtio.blk_defs import VirtioBlkStatus as S
 from virtio.blk_defs import VirtioBlkType as T
@@ -487,3 +490,41 @@ def test_event_idx_kicks_and_interrupts_across_the_wrap() -> None:
         assert (q.vq.used_idx, q.vq.inuse) == (2, 0)
     finally:
         _close(q)
+
+
+# -- merging limits ------------------------------------------------------
+
+
+def test_flush_in_the_middle_splits_the_writes_around_it() -> None:
+    d = merge_disk()
+    try:
+        reqs = writes(d, [0, K4])
+        reqs.append((int(T.FLUSH), 0, []))
+        reqs += writes(d, [2 * K4, 3 * K4])
+        got = one_kick(d, reqs)
+        assert [c.status for c in got] == [S.OK] * 5
+        assert d.bs.log == [("write", 0, 2 * K4, 2), ("flush", 0, 0, 0),
+                            ("write", 2 * K4, 2 * K4, 2)]
+    finally:
+        d.close()
+
+
+def test_max_transfer_is_rounded_down_to_the_request_alignment() -> None:
+    # blk_get_max_transfer: 10000 bytes rounded down to 4096 -> 8192,
+    # so runs of two 4 KiB writes; a 12 KiB request larger than that
+    # merges with nothing and goes alone.
+    d = merge_disk()
+    try:
+        d.bs.max_transfer = 10000
+        d.bs.request_alignment = 4096
+        d.dev = VirtIOBlock(d.bs, d.dev.conf, d.queues, mem=d.mem)
+        assert d.dev.max_transfer == 8192
+        reqs = writes(d, [0, K4, 2 * K4])
+        reqs += writes(d, [3 * K4], size=3 * K4)
+        reqs += writes(d, [6 * K4])
+        one_kick(d, reqs)
+        assert [(e[1], e[2]) for e in d.bs.log] == [
+            (0, 2 * K4), (2 * K4, K4), (3 * K4, 3 * K4), (6 * K4, K4)]
+        assert d.dev.stats[0].merges == 1
+    finally:
+        d.close()
