@@ -528,3 +528,43 @@ def test_max_transfer_is_rounded_down_to_the_request_alignment() -> None:
         assert d.dev.stats[0].merges == 1
     finally:
         d.close()
+
+
+# -- a guest that never reaps --------------------------------------------
+
+
+@pytest.mark.parametrize("event_idx", [True, False],
+                         ids=["event_idx", "no_event_idx"])
+def test_guest_that_never_reaps(event_idx: bool) -> None:
+    d = make_disk(features_off=0 if event_idx else EVENT_IDX)
+    try:
+        g, vq = d.guests[0], d.dev.vqs[0]
+        buf = d.mem.alloc(512)
+        n = 0
+        while g.can_submit(1):
+            g.submit(T.IN, 0, [(buf, 512)], kick=False)
+            n += 1
+        assert n == 16 // 3 and g.kick()
+        d.dev.host_notifier_read(0)
+        d.settle()
+        # Everything completed into the used ring; nothing is in use
+        # and the device is idle, not broken, with the ring full of
+        # unreaped completions.
+        assert (vq.inuse, vq.used_idx, d.dev.broken) == (0, n, False)
+        st = d.dev.stats[0]
+        if event_idx:
+            # used_event was never armed (0): the first completion is
+            # signalled (nothing signalled yet), the rest pass nothing.
+            assert (st.interrupts, st.interrupts_suppressed) == (1, n - 1)
+        else:
+            assert (st.interrupts, st.interrupts_suppressed) == (n, 0)
+        with pytest.raises(BlockingIOError):
+            g.submit(T.IN, 0, [(buf, 512)])
+        # Reaping late loses nothing.
+        assert [c.status for c in g.reap()] == [S.OK] * n
+        g.submit(T.IN, 0, [(buf, 512)])
+        d.dev.host_notifier_read(0)
+        d.settle()
+        assert [c.status for c in g.reap()] == [S.OK]
+    finally:
+        d.close()
