@@ -191,10 +191,14 @@ def _configure(ctl: int, bfd: int, name: str, block_size: int,
                flags: LoopFlags, mode: int) -> tuple[str, int]:
     """Bind ``bfd`` to a free device; (its path, our descriptor)."""
     for _ in range(_MAX_TRIES):
-        n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
-        dev = f"/dev/loop{n}"
-        # Not O_CLOEXEC: children we fork or exec may hold it too.
-        dfd = os.open(dev, mode)
+        try:
+            n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            dev = f"/dev/loop{n}"
+            # Not O_CLOEXEC: children we fork or exec may hold it too.
+            dfd = os.open(dev, mode)
+        except OSError as exc:
+            raise BlockError(f"Could not get a free loop device: "
+                             f"{exc.strerror}") from exc
         try:
             fcntl.ioctl(dfd, LOOP_CONFIGURE,
                         _config(bfd, name, block_size, flags))
