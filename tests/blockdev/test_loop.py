@@ -557,3 +557,25 @@ def test_regression_ci_script_takes_the_image_path_from_the_caller(
     while _bound_to(workdir / "ci.img"):
         assert time.monotonic() < deadline, "device left behind"
         time.sleep(0.05)
+
+
+def test_regression_no_free_device_is_a_block_error(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOOP_CTL_GET_FREE failing (all devices taken, max_loop reached)
+    escaped as a bare OSError.  The kernel's answer is faked at the
+    ioctl seam; everything else is real."""
+    img = create_pattern_image(workdir / "nf.img", 1 << 20).path
+    real = loop_mod.fcntl.ioctl
+
+    def ioctl(fd: int, request: int, *args: Any) -> Any:
+        if request == loop_mod.LOOP_CTL_GET_FREE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, request, *args)
+
+    before = _fds()
+    monkeypatch.setattr(loop_mod.fcntl, "ioctl", ioctl)
+    with pytest.raises(BlockError) as exc:
+        attach(img)
+    assert str(exc.value) == ("Could not get a free loop device: No space "
+                              "left on device")
+    assert _fds() == before
