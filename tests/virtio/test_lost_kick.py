@@ -27,7 +27,7 @@ removed from the event loop, 6000-request poll_on runs failed in 4 of 6
 fail every time; the deterministic tests at the end put the guest's
 publication exactly inside the window instead.
 
-Cost: 4 runs of 3000 requests, 0.5-2 s each on a 2-core machine.
+Cost: 4 runs of 2000 requests, 0.4-1.5 s each on a 2-core machine.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from virtio.memory import GuestMemory
 from virtio.ring import VirtioFeature, feature_bit
 from virtio.virtqueue import VirtQueue
 
-REQUESTS = 3000
+REQUESTS = 2000
 #: No completion for this long at depth 1 means a lost kick.  Generous
 #: (a round trip is ~50 µs) so that a loaded CI machine does not trip
 #: it; a lost kick never recovers, so the length does not hide one.
