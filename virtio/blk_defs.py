@@ -172,6 +172,27 @@ def _parse_uint(name: str, value: str | int, bits: int) -> int:
     return n
 
 
+#: ``MIN_BLOCK_SIZE`` / ``MAX_BLOCK_SIZE`` of a block-size property.
+_MIN_BLOCK_SIZE = 512
+_MAX_BLOCK_SIZE = 2 * 1024 * 1024
+
+
+def _check_block_size(name: str, value: int) -> None:
+    """The block-size property setter's checks (0 means unset).
+
+    The device has no ``id`` here, so QEMU's ``dev->id ?: ""`` is the
+    empty string.  Size suffixes (``4k``) are not accepted.
+    """
+    if value and not _MIN_BLOCK_SIZE <= value <= _MAX_BLOCK_SIZE:
+        raise ConfigError(
+            f"Property .{name} doesn't take value {value} (minimum: "
+            f"{_MIN_BLOCK_SIZE}, maximum: {_MAX_BLOCK_SIZE})")
+    if value & (value - 1):
+        raise ConfigError(
+            f"Property .{name} doesn't take value '{value}', it's not a "
+            "power of 2")
+
+
 @dataclass
 class VirtIOBlkConf:
     """The properties of ``-device virtio-blk-pci`` that matter here.
@@ -238,6 +259,8 @@ class VirtIOBlkConf:
                 parsed = str(value)
             else:
                 parsed = _parse_uint(key, value, kind)
+                if key == "logical_block_size":
+                    _check_block_size(key, parsed)
             setattr(conf, attr, parsed)
         return conf
 

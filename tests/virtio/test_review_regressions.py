@@ -568,3 +568,30 @@ def test_guest_that_never_reaps(event_idx: bool) -> None:
         assert [c.status for c in g.reap()] == [S.OK]
     finally:
         d.close()
+
+
+# -- logical_block_size: the block-size property's own checks ------------
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("256", "Property .logical_block_size doesn't take value 256 "
+            "(minimum: 512, maximum: 2097152)"),
+    ("4194304", "Property .logical_block_size doesn't take value 4194304 "
+                "(minimum: 512, maximum: 2097152)"),
+    ("1000", "Property .logical_block_size doesn't take value '1000', "
+             "it's not a power of 2"),
+])
+def test_regression_logical_block_size_is_checked(text: str,
+                                                  message: str) -> None:
+    # Before: accepted, and 1000 gave a sector mask that failed every
+    # request with IOERR.
+    with pytest.raises(ConfigError) as ei:
+        VirtIOBlkConf.from_props({"logical_block_size": text})
+    assert str(ei.value) == message
+
+
+@pytest.mark.parametrize(("text", "value"), [("0", 0), ("512", 512),
+                                             ("4096", 4096)])
+def test_logical_block_size_values(text: str, value: int) -> None:
+    c = VirtIOBlkConf.from_props({"logical_block_size": text})
+    assert c.logical_block_size == value
