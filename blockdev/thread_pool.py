@@ -18,7 +18,8 @@ The contract with the event loop (reference §9):
 - A worker with nothing to do waits 10 s, then leaves if the pool has
   more than ``min_threads`` threads.  Workers are named ``worker``.
 - The completion BH, in the home thread, calls back every DONE element
-  in ``head``.  It reschedules itself before each callback so that a
+  in ``head``, newest submission first (``head`` is a QLIST that QEMU
+  inserts at the front).  It reschedules itself before each callback so that a
   nested event loop inside the callback still sees later completions,
   and cancels that afterwards.
 - Only a QUEUED element can be cancelled: it completes with -ECANCELED.
@@ -170,7 +171,9 @@ class ThreadPool:
                  idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.ctx = ctx
         self.idle_timeout_s = idle_timeout_s
-        #: Home-thread list of every element not yet called back.
+        #: Home-thread list of every element not yet called back, newest
+        #: first (QEMU inserts at the head of a QLIST), so the completion
+        #: BH calls back the newest of the elements that are done first.
         self.head: list[ThreadPoolElement] = []
         self.completion_bh: BHLike = ctx.bh_new(
             self._completion_bh, "thread_pool_completion")
@@ -207,7 +210,7 @@ class ThreadPool:
                cb: CompletionCB | None) -> ThreadPoolElement:
         """Run ``func`` on a worker; ``cb(ret)`` later in this context."""
         req = ThreadPoolElement(func, cb)
-        self.head.append(req)
+        self.head.insert(0, req)
         if trace.thread_pool_submit.enabled:
             trace.thread_pool_submit(self, req, cb)
         if (len(self.head) == 1

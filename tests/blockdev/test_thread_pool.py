@@ -209,8 +209,9 @@ def test_regression_elements_without_callback_do_not_hide_others(
             ctx.aio_poll(False)
             assert time.monotonic() < deadline
         w = Waiter()
-        first = pool.submit(lambda: 0, None)
+        # head is newest first: the callback-less one is scanned first.
         pool.submit(lambda: 0, w.cb("second"))
+        first = pool.submit(lambda: 0, None)
         # Wait for both without running the loop (so no BH runs yet).
         while not all(e.state is ThreadPoolState.DONE for e in pool.head):
             assert time.monotonic() < deadline
@@ -268,5 +269,26 @@ def test_min_max_changes_at_run_time(ctx: Any) -> None:
         pool.update_params(3, 8)
         _wait_for(ctx, lambda: pool.idle_threads == 3, "grow to 3")
         assert len(_workers()) == before + 3
+    finally:
+        pool.close()
+
+
+def test_regression_done_elements_complete_newest_first(ctx: Any) -> None:
+    """Elements done by the time the completion BH runs were called
+    back oldest first; QEMU's BH walks ``pool->head``, a QLIST it
+    inserts at the front, so the newest submission completes first."""
+    pool = ThreadPool(ctx, min_threads=3)
+    try:
+        _wait_for(ctx, lambda: pool.idle_threads == 3, "3 idle workers")
+        w = Waiter()
+        elems = [pool.submit(lambda i=i: i, w.cb(i)) for i in range(3)]
+        deadline = time.monotonic() + 30
+        # All done before any BH runs: no aio_poll meanwhile.
+        while not all(e.state is ThreadPoolState.DONE for e in elems):
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        run_until(ctx, w.done(3))
+        assert w.order == [2, 1, 0]
+        assert w.results == {0: 0, 1: 1, 2: 2}
     finally:
         pool.close()
