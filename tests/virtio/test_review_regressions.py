@@ -9,6 +9,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qiothread.errors import ConfigError, VirtioError
 from tests.virtio.harness import make_disk, raw_driver
@@ -30,7 +32,7 @@ from virtio.blk_defs import VirtioBlkStatus as S
 from virtio.blk_defs import VirtioBlkType as T
 from virtio.guest import GuestBlkDriver
 from virtio.memory import FIRST_ADDR
-from virtio.ring import USED_ELEM, avail_event_offset
+from virtio.ring import DESC, USED_ELEM, avail_event_offset
 
 # -- a broken device writes nothing more into the used ring --------------
 
@@ -595,3 +597,63 @@ def test_regression_logical_block_size_is_checked(text: str,
 def test_logical_block_size_values(text: str, value: int) -> None:
     c = VirtIOBlkConf.from_props({"logical_block_size": text})
     assert c.logical_block_size == value
+
+
+# -- any descriptor bytes at all: only QEMU's errors, never a crash -------
+
+_MESSAGES = (
+    "Guest moved used index from", "Virtqueue size exceeded",
+    "Guest says index", "Invalid size for indirect buffer table",
+    "Cannot map indirect buffer", "Incorrect order for descriptors",
+    "Looped descriptor", "Desc next is",
+    "virtio: zero sized buffers are not allowed",
+    "virtio: too many write descriptors in indirect table",
+    "virtio: bogus descriptor or out of resources",
+    "virtio-blk missing headers", "virtio-blk request outhdr too short",
+    "virtio-blk discard/write_zeroes header too short",
+)
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_arbitrary_descriptor_fields_only_give_qemu_errors(
+        data: st.DataObject) -> None:
+    d = make_disk(guest=False, mem_size=1 << 20)
+    try:
+        vq = d.dev.vqs[0]
+        region = d.mem.alloc(8192, 4096)
+        size = d.mem.size
+        addr = st.one_of(
+            st.integers(0, FIRST_ADDR - 1),                 # header page
+            st.integers(region, region + 8191),             # real buffers
+            st.integers(size - 64, size + 64),              # the end
+            st.integers(2**64 - 64, 2**64 - 1),             # wraps in C
+            st.integers(0, 2**64 - 1))
+        length = st.one_of(st.integers(0, 64), st.sampled_from(
+            [512, 4096, 0xFFFFFFF0, 0xFFFFFFFF]))
+        desc = st.tuples(addr, length, st.integers(0, 0xFFFF),
+                         st.integers(0, 0xFFFF))
+        for table in (vq.desc, region + 4096):
+            for i, (a, n, f, x) in enumerate(
+                    data.draw(st.lists(desc, min_size=16, max_size=16))):
+                DESC.pack_into(d.mem.buf, table + 16 * i, a, n, f & 7,
+                               x if x < 32 else x % 20)
+        heads = data.draw(st.lists(st.integers(0, 17), min_size=16,
+                                   max_size=16))
+        for i, h in enumerate(heads):
+            d.mem.u16[(vq.avail >> 1) + 2 + i] = h
+        d.mem.write(region, data.draw(st.binary(min_size=64,
+                                                max_size=64)))
+        d.mem.u16[(vq.avail >> 1) + 1] = data.draw(st.sampled_from(
+            [1, 2, 5, 16, 17, 0xFFFF]))
+        d.dev.handle_vq(0)
+        d.settle()
+        assert vq.inuse == 0
+        if d.dev.broken:
+            assert d.dev.broken_reason is not None
+            assert d.dev.broken_reason.startswith(_MESSAGES)
+        else:
+            assert vq.used_idx == vq.last_avail_idx
+    finally:
+        d.close()
