@@ -79,9 +79,20 @@ class AioType(enum.IntFlag):
     def op(self) -> AioType:
         """The operation without the flags (WRITE_ZEROES wins over the
         DISCARD bit that marks MAY_UNMAP)."""
-        if self & AioType.WRITE_ZEROES:
-            return AioType.WRITE_ZEROES
-        return self & 0x00FF
+        # Read several times per request: flag arithmetic builds new
+        # members through the enum machinery (microseconds each), so
+        # each value's answer is computed once.  Any thread: a racing
+        # first computation stores the same member twice.
+        op = _OPS.get(self)
+        if op is None:
+            op = (AioType.WRITE_ZEROES if self & AioType.WRITE_ZEROES
+                  else self & 0x00FF)
+            _OPS[self] = op
+        return op
+
+
+#: ``AioType.op`` by type value (filled on first use).
+_OPS: dict[int, AioType] = {}
 
 
 @dataclass(slots=True, eq=False)
