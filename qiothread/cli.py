@@ -77,9 +77,23 @@ _EXPERIMENTS = {"sweep": ("qiothread.sweep", "main"),
                 "replay": ("qiothread.replay", "main")}
 
 
+#: What asks for the usage, anywhere on a ``run`` command line (QEMU's
+#: ``-h``/``-help`` and fio's ``--help``).
+_HELP = ("-h", "-help", "--help")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qiothread`` console script."""
-    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:
+        # Ctrl-C before a run took charge of it (while the modules
+        # load, say): nothing was created yet, so nothing to release.
+        sys.stderr.write("qiothread: interrupted\n")
+        return 130
+
+
+def _main(args: list[str]) -> int:
     if not args or args[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0 if args else 2
@@ -88,6 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = args[0], args[1:]
     if command == "run":
+        if any(a in _HELP for a in rest):
+            sys.stdout.write(USAGE)
+            return 0
         if any(a.startswith("--expect") for a in rest):
             from qiothread.budget import run_with_budgets
             return run_with_budgets(rest)

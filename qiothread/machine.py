@@ -60,7 +60,7 @@ from qiothread.errors import ChildProcessError_, ConfigError, QiothreadError
 from qiothread.event_notifier import EventNotifier
 from qiothread.fio.options import JobOptions
 from qiothread.iothread import IOThread
-from qiothread.machine_guest import GuestSpec, guest_main
+from qiothread.machine_guest import GuestSpec, check_job, guest_main
 from qiothread.process import Child, ReadyChannel, Supervisor
 from qiothread.qemu_opts import OptionError
 from qiothread.qom import ObjectRoot
@@ -236,6 +236,7 @@ class Machine:
         self._results_dir = tempfile.mkdtemp(prefix="qiothread-run-")
         self.sup.callback(shutil.rmtree, self._results_dir, True)
         self._open_nodes()
+        self._check_jobs()
         nqueues = sum(d.num_queues for d in cfg.devices)
         self.shared = VmmShared(nqueues, len(cfg.devices))
         self.sup.callback(self.shared.close)
@@ -265,6 +266,16 @@ class Machine:
                 option, arg = node.origin
                 raise OptionError(option, arg, str(e)) from None
             self.nodes[node.name] = bs
+
+    def _check_jobs(self) -> None:
+        """Each job against the disk it will run on, before any child
+        exists: a job that does not fit (or an unreadable iolog) fails
+        here with fio's words, not in a guest with a traceback."""
+        for job, (dslot, _) in zip(self.jobs, self.assignment,
+                                   strict=True):
+            node = self.config.node(self.config.devices[dslot].drive)
+            assert node is not None
+            check_job(job, self.nodes[node.name].length)
 
     @staticmethod
     def _node_options(node: BlockNodeConfig, dev: DeviceConfig

@@ -31,15 +31,16 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from qiothread.clock import MonotonicClock
-from qiothread.fio.iolog import load_iolog
+from qiothread.fio.iolog import IoLog, load_iolog
 from qiothread.fio.options import JobOptions
-from qiothread.fio.workload import run_job
+from qiothread.fio.values import FioOptionError
+from qiothread.fio.workload import ReplayGenerator, job_region, run_job
 from qiothread.process import ReadyChannel
 from qiothread.report.model import CpuUsage
 from virtio.guest import Completion, GuestBlkDriver
 from virtio.memory import GuestMemory
 
-__all__ = ["PUBLISH_INTERVAL_NS", "GuestSpec", "guest_main"]
+__all__ = ["PUBLISH_INTERVAL_NS", "GuestSpec", "check_job", "guest_main"]
 
 #: How often a running guest publishes its driver's counters.
 PUBLISH_INTERVAL_NS = 50_000_000
@@ -97,6 +98,30 @@ class _PublishingDriver:
         self._d.publish_stats()
 
 
+def check_job(job: JobOptions, capacity: int) -> IoLog | None:
+    """What the guest will check before its first I/O, done early.
+
+    The VMM calls this for every job once the disks are open, before
+    any child exists, so that a job that does not fit its disk, or an
+    iolog that cannot be read, fails the run with fio's words instead
+    of a guest's traceback.  Returns the parsed iolog, if any.
+
+    :raises FioOptionError: the disk is empty, the job's region does
+        not fit it, or the iolog is unreadable, malformed or too long.
+    """
+    if capacity == 0:
+        raise FioOptionError(
+            f"{job.name}: the disk is empty (0 bytes); is the block "
+            "device attached?")
+    if not job.read_iolog:
+        job_region(job, capacity)
+        return None
+    iolog = load_iolog(job.read_iolog,
+                       redirect=job.replay_redirect is not None)
+    ReplayGenerator(iolog, capacity)
+    return iolog
+
+
 def _wait_go(fd: int) -> None:
     if fd < 0:
         return
@@ -108,10 +133,7 @@ def _wait_go(fd: int) -> None:
 
 def guest_main(spec: GuestSpec, channel: ReadyChannel) -> None:
     """The guest process (module text).  Runs in the child only."""
-    iolog = None
-    if spec.job.read_iolog:
-        iolog = load_iolog(spec.job.read_iolog,
-                           redirect=spec.job.replay_redirect is not None)
+    iolog = check_job(spec.job, spec.capacity)
     driver = _PublishingDriver(spec.driver)
     channel.ready(pid=os.getpid())
     _wait_go(spec.go_fd)

@@ -58,7 +58,7 @@ from qiothread.fio.options import (
 from qiothread.keyval import parse_option
 from qiothread.machine import Machine, MachineOutcome
 from qiothread.options import HelpRequested, build_machine_config
-from qiothread.qemu_opts import split_argv
+from qiothread.qemu_opts import OptionError, split_argv
 from qiothread.report.model import RunReport
 from qiothread.vmconfig import MachineConfig
 
@@ -94,6 +94,18 @@ _DURATION_OPTIONS = ("runtime", "timeout", "time_based", "size",
 PROGRESS_MIN_S = 2.0
 _OUTPUT_FORMATS = ("normal", "json", "json+")
 _OWN_OPTIONS = ("image", "output", "output-format")
+#: QEMU options of a pasted VM command line that have no meaning
+#: without a VM; they are refused by name, not as typos.
+_UNMODELLED_QEMU_OPTIONS = frozenset((
+    "M", "machine", "m", "smp", "cpu", "enable-kvm", "accel", "bios",
+    "nographic", "display", "vga", "serial", "monitor", "kernel",
+    "initrd", "append", "netdev", "nic", "net", "cdrom", "hda", "boot",
+    "name", "daemonize", "pidfile", "S", "no-reboot", "rtc", "global",
+    "numa", "usb", "vnc", "spice", "L", "snapshot"))
+_UNMODELLED = ("not modelled by qiothread, which runs no VM: it takes "
+               "-object iothread, -blockdev, -drive, -device "
+               "virtio-blk-pci, -trace, -msg, -D, -qmp, -chardev and "
+               "-mon")
 
 
 @dataclasses.dataclass
@@ -129,8 +141,15 @@ def _split_own(rest: Sequence[str]) -> tuple[dict[str, str], list[str],
         if word.startswith("--") and name in _OWN_OPTIONS:
             if not sep or not value:
                 raise FioOptionError(
-                    f"Option {name} requires an argument")
+                    f"fio: option '--{name}' requires an argument")
             own[name] = value
+        elif word.startswith("-") and not word.startswith("--") and \
+                len(word) > 1 and "=" not in word:
+            # fio's options are --name=value; a lone -word is a QEMU
+            # option qiothread does not model, or not QEMU's at all.
+            if word[1:] in _UNMODELLED_QEMU_OPTIONS:
+                raise OptionError(word[1:], None, _UNMODELLED)
+            raise OptionError(word[1:], None, "invalid option")
         elif word.startswith("-"):
             fio.append(word)
         else:
@@ -219,8 +238,8 @@ def plan_run(argv: Sequence[str]) -> RunPlan:
     for fmt in formats:
         if fmt not in _OUTPUT_FORMATS:
             raise FioOptionError(
-                f"fio: unsupported output format '{fmt}' (normal, json "
-                "and json+ are)")
+                f"fio: invalid output format {fmt} (normal, json and "
+                "json+ are supported)")
     warnings: list[str] = []
     image: Path | None = None
     if not any(name in ("device", "drive", "blockdev")
@@ -404,9 +423,11 @@ def execute(plan: RunPlan,
     ``on_json`` gets the JSON document (as ``--output-format=json``
     writes it) after the outputs were written: CI budgets check it.
     """
-    machine = Machine(plan.config, plan.jobs)
     progress = Progress.wanted(plan, sys.stderr)
     try:
+        # Jobs are placed on queues when the machine is made: a job
+        # without a device, or more jobs than queues, fails here.
+        machine = Machine(plan.config, plan.jobs)
         outcome = machine.run(progress)
     except QiothreadError as e:
         if progress is not None:

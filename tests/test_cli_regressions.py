@@ -1,0 +1,189 @@
+"""Regressions found by using ``qiothread run`` as a QEMU and fio user
+would: help, Ctrl-C at start, and mistakes that must end in one clear
+line instead of a traceback (from the main process or a guest)."""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from qiothread.cli import USAGE
+from qiothread.cli import main as cli_main
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    """A small raw image written in full (no holes)."""
+    path = tmp_path / "disk.img"
+    path.write_bytes(b"\xa5" * (4 << 20))
+    return path
+
+
+def machine_args(image: Path) -> list[str]:
+    return ["-object", "iothread,id=io0",
+            "-drive", f"if=none,id=d0,file={image},format=raw,aio=threads",
+            "-device", "virtio-blk-pci,drive=d0,iothread=io0"]
+
+
+def run_cli(args: list[str], capfd: pytest.CaptureFixture[str]
+            ) -> tuple[int, str, str]:
+    status = cli_main(["run", *args])
+    out, err = capfd.readouterr()
+    return status, out, err
+
+
+def own_children() -> set[int]:
+    """Live children of this process (a run must leave none)."""
+    path = Path(f"/proc/{os.getpid()}/task")
+    kids: set[int] = set()
+    for task in path.iterdir():
+        text = (task / "children").read_text().split()
+        kids.update(int(p) for p in text)
+    return kids
+
+
+@pytest.mark.parametrize("word", ["--help", "-h", "-help"])
+def test_regression_run_help_prints_usage(
+        word: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "qiothread: fio: unrecognized option '--help'", status 1.
+    status, out, err = run_cli(["--rw=randread", word], capfd)
+    assert status == 0
+    assert out == USAGE
+    assert err == ""
+
+
+class _InterruptImport(importlib.abc.MetaPathFinder):
+    """Raises KeyboardInterrupt when ``name`` is imported: Ctrl-C while
+    the run's modules load."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None
+                  ) -> importlib.machinery.ModuleSpec | None:
+        if fullname == self.name:
+            raise KeyboardInterrupt
+        return None
+
+
+def test_regression_ctrl_c_while_loading_exits_quietly(
+        monkeypatch: pytest.MonkeyPatch,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: a KeyboardInterrupt traceback from inside an import.
+    monkeypatch.delitem(sys.modules, "qiothread.run", raising=False)
+    monkeypatch.setattr(sys, "meta_path",
+                        [_InterruptImport("qiothread.run"), *sys.meta_path])
+    status, out, err = run_cli([], capfd)
+    assert status == 130
+    assert out == ""
+    assert err == "qiothread: interrupted\n"
+
+
+def test_regression_drive_without_device_is_one_line(
+        image: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: a ConfigError traceback (the machine was made outside the
+    # error handling).
+    status, out, err = run_cli(
+        ["-object", "iothread,id=io0",
+         "-drive", f"if=none,id=d0,file={image},format=raw,aio=threads"],
+        capfd)
+    assert status == 1
+    assert out == ""
+    assert err == ("qiothread: no virtio-blk device to run the jobs on "
+                   "(add -device virtio-blk-pci,drive=...)\n")
+
+
+def test_regression_job_beyond_the_disk_fails_before_any_guest(
+        image: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: the guest raised FioOptionError after the machine started:
+    # a guest traceback, then an empty report.
+    before = own_children()
+    status, out, err = run_cli(
+        [*machine_args(image), "--size=1M", "--offset=1G"], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == ("qiothread: job: offset 1073741824 + size 1048576 "
+                   "goes beyond the disk (4194304 bytes)\n")
+    assert own_children() <= before
+
+
+def test_regression_missing_iolog_fails_before_any_guest(
+        image: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "none.log"
+    status, out, err = run_cli(
+        [*machine_args(image), f"--read_iolog={missing}"], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == (f"qiothread: fio: open iolog '{missing}': No such "
+                   "file or directory\n")
+    assert "Traceback" not in err
+
+
+def test_regression_iolog_beyond_the_disk_fails_before_any_guest(
+        image: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "far.log"
+    log.write_text("fio version 2 iolog\n/dev/x add\n/dev/x open\n"
+                   f"/dev/x read {8 << 20} 4096\n/dev/x close\n")
+    status, out, err = run_cli(
+        [*machine_args(image), f"--read_iolog={log}"], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == ("qiothread: iolog reaches byte 8392704, beyond the "
+                   "disk (4194304 bytes)\n")
+
+
+def test_regression_empty_block_device_is_named(
+        tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # An unattached /dev/loopN opens with size 0; was a guest traceback
+    # "size 0 leaves no room for one block".
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    status, out, err = run_cli(machine_args(empty), capfd)
+    assert status == 1
+    assert out == ""
+    assert err == ("qiothread: job: the disk is empty (0 bytes); is the "
+                   "block device attached?\n")
+
+
+@pytest.mark.parametrize(("word", "message"), [
+    ("-objekt", "-objekt: invalid option"),
+    ("-smp", "-smp: not modelled by qiothread, which runs no VM: it "
+             "takes -object iothread, -blockdev, -drive, -device "
+             "virtio-blk-pci, -trace, -msg, -D, -qmp, -chardev and "
+             "-mon"),
+])
+def test_regression_unknown_single_dash_option_is_qemus_error(
+        word: str, message: str, image: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "fio: unrecognized option '-objekt'", and the option's
+    # argument would have been read as a job file.
+    status, out, err = run_cli([word, "iothread,id=io0",
+                                *machine_args(image)], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == f"qiothread: {message}\n"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--output-format=jsn"],
+     "fio: invalid output format jsn (normal, json and json+ are "
+     "supported)"),
+    (["--output"], "fio: option '--output' requires an argument"),
+])
+def test_regression_own_option_errors_in_fios_words(
+        args: list[str], message: str, image: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    status, out, err = run_cli([*machine_args(image), *args], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == f"qiothread: {message}\n"
