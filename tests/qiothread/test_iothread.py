@@ -26,8 +26,10 @@ from qiothread.keyval import parse_option
 from qiothread.process import ChildState, Supervisor
 from qiothread.qom import ObjectRoot
 from tests.qiothread.test_process import (
+    SIGINT_AS_IN_A_TERMINAL,
     assert_gone,
     children_of,
+    communicate_or_kill,
     proc_start_time,
 )
 
@@ -261,7 +263,7 @@ def test_idle_iothread_with_polling_on_uses_under_1_percent(
     assert after["poll_rounds"] == before["poll_rounds"]
 
 
-_SCRIPT = """
+_SCRIPT = SIGINT_AS_IN_A_TERMINAL + """
 import sys, time
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
@@ -302,7 +304,7 @@ def test_ctrl_c_leaves_no_iothread_behind(tmp_path: Path) -> None:
     assert all(Path(f"/proc/{p}/comm").read_text().startswith("IO io")
                for p, _ in kids)
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    _, err = communicate_or_kill(proc)
     assert "KeyboardInterrupt" in err
     assert proc.returncode == -signal.SIGINT
     assert marker.read_text() == "cleaned"
