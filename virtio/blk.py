@@ -329,22 +329,28 @@ class VirtIOBlock(VirtIODevice):
         if not elem.out_sg or not elem.in_sg:
             self.virtio_error("virtio-blk missing headers")
             return True
-        hdr = b"".join(bytes(v[:16]) for v in elem.out_sg[:16])[:16]
-        if len(hdr) < OUTHDR.size:
-            self.virtio_error("virtio-blk request outhdr too short")
-            return True
+        first = elem.out_sg[0]
+        if len(first) >= OUTHDR.size:
+            # The usual chain: the whole header in its first buffer,
+            # read in place (no copy).
+            rtype, _ioprio, sector = OUTHDR.unpack_from(first)
+        else:
+            hdr = b"".join(bytes(v[:16]) for v in elem.out_sg[:16])[:16]
+            if len(hdr) < OUTHDR.size:
+                self.virtio_error("virtio-blk request outhdr too short")
+                return True
+            rtype, _ioprio, sector = OUTHDR.unpack(hdr)
         out_iov = _iov_discard_front(elem.out_sg, OUTHDR.size)
         last = elem.in_sg[-1]
         if len(last) < 1:
             self.virtio_error("virtio-blk request inhdr too short")
             return True
         # We always touch the last byte: the status.
-        req.in_len = sum(len(v) for v in elem.in_sg)
+        req.in_len = sum(map(len, elem.in_sg))
         req.status = last[len(last) - 1:]
         in_iov = elem.in_sg[:-1]
         if len(last) > 1:
             in_iov.append(last[:len(last) - 1])
-        rtype, _ioprio, sector = OUTHDR.unpack(hdr)
         req.type = rtype
         kind = rtype & _TYPE_MASK
         if kind == VirtioBlkType.IN:
@@ -384,7 +390,7 @@ class VirtIOBlock(VirtIODevice):
                    qiov: list[memoryview]) -> None:
         req.sector_num = sector
         req.qiov = qiov
-        req.qiov_size = size = sum(len(v) for v in qiov)
+        req.qiov_size = size = sum(map(len, qiov))
         ev = (trace.virtio_blk_handle_write if is_write
               else trace.virtio_blk_handle_read)
         if ev.enabled:
