@@ -59,6 +59,9 @@ from blockdev.thread_pool import (
 )
 from qiothread.errors import BlockError, ConfigError
 
+_READ, _WRITE, _FLUSH = AioType.READ, AioType.WRITE, AioType.FLUSH
+_MISALIGNED = int(AioType.MISALIGNED)
+
 __all__ = ["FileOptions", "FilePosixNode"]
 
 log = logging.getLogger("qiothread.blockdev")
@@ -324,9 +327,11 @@ class FilePosixNode:
     def _engine_submit(self, req: RawAIOCB, cb: CompletionCB) -> None:
         op = req.type.op
         eng = self._engine
-        if eng is not None and not req.type & AioType.MISALIGNED and (
-                op in (AioType.READ, AioType.WRITE)
-                or (op == AioType.FLUSH and eng.handles_flush)):
+        # int(): a flag test on the enum builds a member (slow, per
+        # request).
+        if eng is not None and not int(req.type) & _MISALIGNED and (
+                op in (_READ, _WRITE)
+                or (op == _FLUSH and eng.handles_flush)):
             eng.submit(req, cb, self.aio_max_batch)
             return
         assert self._pool is not None

@@ -196,7 +196,7 @@ def buffer_address(view: memoryview) -> int | None:
 
 def iov_length(iov: Sequence[memoryview]) -> int:
     """Total bytes of a scatter-gather list."""
-    return sum(len(v) for v in iov)
+    return sum(map(len, iov))
 
 
 def iov_is_aligned(offset: int, iov: Sequence[memoryview],

@@ -79,13 +79,13 @@ class AccountedNode:
 
     def preadv(self, offset: int, iov: Sequence[memoryview],
                cb: Callable[[int], None]) -> None:
-        n = sum(len(v) for v in iov)
+        n = sum(map(len, iov))
         self._node.preadv(offset, iov, self._done(
             _RD, n, time.monotonic_ns(), cb))
 
     def pwritev(self, offset: int, iov: Sequence[memoryview],
                 cb: Callable[[int], None]) -> None:
-        n = sum(len(v) for v in iov)
+        n = sum(map(len, iov))
         if offset + n > self._w[_HIGHEST]:
             self._w[_HIGHEST] = offset + n
         self._node.pwritev(offset, iov, self._done(
