@@ -62,7 +62,12 @@ from qiothread.event_notifier import EventNotifier
 from qiothread.fdmon import FdMonitor
 from qiothread.fdmon_epoll import EPOLL_ENABLE_THRESHOLD, EpollMonitor
 from qiothread.fdmon_poll import PollMonitor
-from qiothread.notifier import _I_NOTIFIED, AioNotifier, ControlBlock
+from qiothread.notifier import (
+    _I_NOTIFIED,
+    _I_NOTIFY_ME,
+    AioNotifier,
+    ControlBlock,
+)
 from qiothread.policy import PollModeEnd, PollPolicy, make_policy
 from qiothread.stats import (
     BLOCKING_WAITS,
@@ -534,7 +539,13 @@ class AioContext:
 
     @property
     def notify_me(self) -> int:
-        return self._notify_me.load()
+        """Current ``notify_me`` (any thread; for observers).
+
+        A plain aligned load through the control block's view: after
+        :meth:`close` it raises ValueError, where the atomic view (a
+        raw address into the unmapped block) would crash the process.
+        """
+        return int(self._ctl[_I_NOTIFY_ME])
 
     # Thread-safe name for the cross-thread entry point (STYLE §3.2).
     def notify_threadsafe(self) -> None:

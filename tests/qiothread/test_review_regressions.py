@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import mmap
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -194,3 +196,38 @@ def test_regression_timer_armed_in_the_past_goes_first() -> None:
         assert order == ["armed at -5", "due at 0"]
     finally:
         ctx.close()
+
+
+_READ_AFTER_CLOSE = """
+from qiothread.aio import AioContext
+from qiothread.iothread import IOThread
+from qiothread.process import Supervisor
+
+def read(ctx):
+    try:
+        print(ctx.notify_me, flush=True)
+    except ValueError as e:
+        print("ValueError", flush=True)
+
+ctx = AioContext()
+read(ctx)
+ctx.close()
+read(ctx)
+with Supervisor() as sup:
+    io = IOThread("io0", supervisor=sup)
+    io.complete()
+    kept = io.ctx
+    io.finalize()
+    read(kept)
+"""
+
+
+def test_regression_closed_context_does_not_crash_the_process() -> None:
+    """``notify_me`` is an atomic view of the control block's mapping.
+    Closing a context (or finalizing an IOThread) unmapped it, so a
+    thread that still read it (a kicker, a monitor) took the whole
+    process down with SIGSEGV.  Now such a read is an exception."""
+    r = subprocess.run([sys.executable, "-c", _READ_AFTER_CLOSE],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr)
+    assert r.stdout.split() == ["0", "ValueError", "ValueError"]
