@@ -27,6 +27,7 @@ context, which in QEMU never busy-polls.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -86,11 +87,49 @@ _PROPERTIES: dict[str, tuple[str, Any]] = {
 }
 
 
+#: How ``-device virtio-blk-pci,help`` names each property's type and
+#: describes it, as QEMU 7.2's PropertyInfo does (bit properties say
+#: "on/off", plain bools say nothing).
+_HELP_TYPES: dict[str, tuple[str, str | None]] = {
+    "drive": ("str", "Node name or ID of a block device to use as a "
+                     "backend"),
+    "iothread": ("link<iothread>", None),
+    "iothread-vq-mapping": ("IOThreadVirtQueueMappingList", None),
+    "serial": ("str", None),
+    "request-merging": ("bool", "on/off"),
+    "event_idx": ("bool", "on/off"),
+    "indirect_desc": ("bool", "on/off"),
+    "discard": ("bool", "on/off"),
+    "write-zeroes": ("bool", "on/off"),
+    "config-wce": ("bool", "on/off"),
+    "ioeventfd": ("bool", "on/off"),
+    "write-cache": ("OnOffAuto", "on/off/auto"),
+    "addr": ("int32", "Slot and optional function number, example: "
+                      "06.0 or 06"),
+}
+#: Defaults QEMU's help shows where the table above has none to show.
+_HELP_DEFAULTS: dict[str, Any] = {"addr": -1, "vectors": 0xFFFFFFFF}
+
+
 def _help_text() -> str:
+    """``-device virtio-blk-pci,help`` laid out as QEMU 7.2's
+    ``object_property_help``: sorted by name, ``name=<type>`` padded to
+    24 columns, `` - `` and the description, the default in JSON."""
     lines = ["virtio-blk-pci options:"]
-    for name, (kind, default) in _PROPERTIES.items():
-        shown = "" if default is None else f" (default: {default})"
-        lines.append(f"  {name}=<{kind}>{shown}")
+    for name in sorted(_PROPERTIES):
+        if name == "bus":       # a -device option, not a property
+            continue
+        kind, default = _PROPERTIES[name]
+        qtype, desc = _HELP_TYPES.get(name, (kind, None))
+        if name == "serial":    # a NULL string: QEMU shows no default
+            default = None
+        default = _HELP_DEFAULTS.get(name, default)
+        line = f"  {name}=<{qtype}>"
+        if desc is not None or default is not None:
+            line = line.ljust(24) + " - " + (desc or "")
+        if default is not None:
+            line += f" (default: {json.dumps(default)})"
+        lines.append(line)
     return "\n".join(lines) + "\n"
 
 

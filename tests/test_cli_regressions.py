@@ -187,3 +187,29 @@ def test_regression_own_option_errors_in_fios_words(
     assert status == 1
     assert out == ""
     assert err == f"qiothread: {message}\n"
+
+
+def test_regression_device_help_is_laid_out_as_qemus(
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "request-merging=<bool> (default: True)" (Python's repr),
+    # "serial=<str> (default: )", unsorted, no descriptions.
+    status, out, err = run_cli(["-device", "virtio-blk-pci,help"], capfd)
+    assert status == 0 and err == ""
+    lines = out.splitlines()
+    assert lines[0] == "virtio-blk-pci options:"
+    props = [ln.split("=", 1)[0].strip() for ln in lines[1:]]
+    assert props == sorted(props)
+    for expected in (
+            "  addr=<int32>           - Slot and optional function "
+            "number, example: 06.0 or 06 (default: -1)",
+            "  drive=<str>            - Node name or ID of a block device "
+            "to use as a backend",
+            "  iothread=<link<iothread>>",
+            "  num-queues=<uint16>    -  (default: 65535)",
+            "  queue-size=<uint16>    -  (default: 256)",
+            "  request-merging=<bool> - on/off (default: true)",
+            "  seg-max-adjust=<bool>  -  (default: true)",
+            "  serial=<str>",
+            "  share-rw=<bool>        -  (default: false)",
+            "  write-cache=<OnOffAuto> - on/off/auto (default: \"auto\")"):
+        assert expected in lines
