@@ -231,8 +231,13 @@ class Machine:
     def build(self) -> None:
         """Steps 1-4 of the module text.  Call once, inside ``run``."""
         cfg = self.config
-        trace.configure(cfg.trace.patterns, cfg.trace.file,
-                        cfg.trace.timestamps)
+        try:
+            trace.configure(cfg.trace.patterns, cfg.trace.file,
+                            cfg.trace.timestamps)
+        except OSError as e:
+            # -D FILE and -trace file=FILE, in QEMU 7.2's words.
+            raise ConfigError(f"Error opening logfile {cfg.trace.file}: "
+                              f"{e.strerror}") from None
         self._results_dir = tempfile.mkdtemp(prefix="qiothread-run-")
         self.sup.callback(shutil.rmtree, self._results_dir, True)
         self._open_nodes()

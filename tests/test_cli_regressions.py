@@ -213,3 +213,20 @@ def test_regression_device_help_is_laid_out_as_qemus(
             "  share-rw=<bool>        -  (default: false)",
             "  write-cache=<OnOffAuto> - on/off/auto (default: \"auto\")"):
         assert expected in lines
+
+
+@pytest.mark.parametrize("option", [
+    ["-D", "{missing}"],
+    ["-trace", "enable=poll_*,file={missing}"],
+])
+def test_regression_unwritable_log_file_is_qemus_error(
+        option: list[str], image: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: a FileNotFoundError traceback from trace.configure.
+    missing = tmp_path / "no-such-dir" / "trace.log"
+    args = [a.format(missing=missing) for a in option]
+    status, out, err = run_cli([*machine_args(image), *args], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == (f"qiothread: Error opening logfile {missing}: No such "
+                   "file or directory\n")
