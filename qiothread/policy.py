@@ -89,26 +89,39 @@ def set_ctx_poll_ns(ctx: AioContext, new: int, now_ns: int) -> None:
     ctx.poll_ns = new
 
 
+def _int64(v: int) -> int:
+    """``v`` wrapped to int64, as QEMU's -fwrapv build computes it."""
+    return ((v + (1 << 63)) & ((1 << 64) - 1)) - (1 << 63)
+
+
+def _c_div(a: int, b: int) -> int:
+    """C's int64 division (truncating toward zero); ``b`` > 0."""
+    q = abs(a) // b
+    return -q if a < 0 else q
+
+
 def adapt_poll_ns(ctx: AioContext, poll_ns: int, block_ns: int) -> int:
     """QEMU's grow/shrink rule (reference §4.5); returns the new value.
 
     Emits ``poll_shrink`` (even 0 -> 0) and ``poll_grow`` with the
     context as QEMU does, and counts them.  Thresholds are the
     context's ``poll_max_ns``, ``poll_grow`` and ``poll_shrink``.
+    int64 arithmetic as in QEMU: a grow step past 2**63 wraps.
     """
     if block_ns <= poll_ns:
         return poll_ns                        # the sweet spot
     max_ns = ctx.poll_max_ns
     if block_ns > max_ns:
         shrink = ctx.poll_shrink
-        new = poll_ns // shrink if shrink else 0
+        new = _c_div(poll_ns, shrink) if shrink else 0
         ctx.stats.q[SHRINK] += 1
         if te.poll_shrink.enabled:
             te.poll_shrink(ctx, poll_ns, new)
         return new
     if poll_ns < max_ns and block_ns < max_ns:
         grow = ctx.poll_grow or 2
-        new = POLL_FIRST_STEP_NS if poll_ns == 0 else poll_ns * grow
+        new = (POLL_FIRST_STEP_NS if poll_ns == 0
+               else _int64(poll_ns * grow))
         new = min(new, max_ns)
         ctx.stats.q[GROW] += 1
         if te.poll_grow.enabled:

@@ -22,6 +22,7 @@ from qiothread.errors import ConfigError
 from qiothread.event_notifier import EventNotifier
 from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
+from qiothread.policy import adapt_poll_ns
 from qiothread.process import Child, Supervisor
 from qiothread.qom import ObjectRoot
 
@@ -231,3 +232,24 @@ def test_regression_closed_context_does_not_crash_the_process() -> None:
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr)
     assert r.stdout.split() == ["0", "ValueError", "ValueError"]
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def test_regression_poll_ns_arithmetic_wraps_as_int64() -> None:
+    """§4.5: poll_ns is an int64 and QEMU is built with -fwrapv, so a
+    grow step past 2**63 wraps (here to a negative budget) instead of
+    being capped at poll-max-ns; the shrink then divides truncating
+    toward zero.  A negative budget is the "soonest" only unsigned
+    (§4.1), so the loop polls exactly one pass."""
+    ctx = AioContext(clock=VirtualClock(0))
+    try:
+        ctx.set_poll_params(INT64_MAX, 2**53, 0)
+        # 4000 * 2**53 = 1952 * 2**53 (mod 2**64), which is >= 2**63.
+        assert adapt_poll_ns(ctx, 4000, 5000) == -96 * 2**53
+        ctx.set_poll_params(10, 0, 3)
+        assert adapt_poll_ns(ctx, -7, 11) == -2    # C: -7 / 3 == -2
+        assert soonest(-1, -96 * 2**53) == -96 * 2**53
+    finally:
+        ctx.close()
