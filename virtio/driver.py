@@ -180,30 +180,53 @@ class VringDriver:
         :raises BlockingIOError: when there are not enough free
             descriptors (reap completions first).
         """
-        bufs = [(a, n, 0) for a, n in out] + [(a, n, _WRITE) for a, n in in_]
-        if not bufs:
+        nbufs = len(out) + len(in_)
+        if not nbufs:
             raise ValueError("a descriptor chain needs at least one buffer")
         buf = self._buf
-        if indirect_table:
-            for i, (a, n, f) in enumerate(bufs):
-                last = i == len(bufs) - 1
-                DESC.pack_into(buf, indirect_table + 16 * i, a, n,
-                               f if last else f | _NEXT,
-                               0 if last else i + 1)
-            bufs = [(indirect_table, 16 * len(bufs), _INDIRECT)]
-        if len(bufs) > len(self._free):
-            raise BlockingIOError(
-                f"virtqueue full: {len(bufs)} descriptors wanted, "
-                f"{len(self._free)} free")
         free = self._free
-        descs = [free.pop() for _ in bufs]
-        table = self.layout.desc
-        for i, (a, n, f) in enumerate(bufs):
-            if i + 1 < len(descs):
-                DESC.pack_into(buf, table + 16 * descs[i], a, n, f | _NEXT,
-                               descs[i + 1])
-            else:
-                DESC.pack_into(buf, table + 16 * descs[i], a, n, f, 0)
+        pack = DESC.pack_into
+        # One pass per table, no per-buffer tuples: this runs for every
+        # request.  Entry i links to entry i + 1 (its index in an
+        # indirect table, the next popped descriptor in the ring's).
+        if indirect_table:
+            last = nbufs - 1
+            i = 0
+            for a, n in out:
+                pack(buf, indirect_table + 16 * i, a, n,
+                     _NEXT if i < last else 0, i + 1 if i < last else 0)
+                i += 1
+            for a, n in in_:
+                pack(buf, indirect_table + 16 * i, a, n,
+                     _WRITE | _NEXT if i < last else _WRITE,
+                     i + 1 if i < last else 0)
+                i += 1
+            if not free:
+                raise BlockingIOError(
+                    "virtqueue full: 1 descriptors wanted, 0 free")
+            descs = [free.pop()]
+            pack(buf, self.layout.desc + 16 * descs[0], indirect_table,
+                 16 * nbufs, _INDIRECT, 0)
+        else:
+            if nbufs > len(free):
+                raise BlockingIOError(
+                    f"virtqueue full: {nbufs} descriptors wanted, "
+                    f"{len(free)} free")
+            descs = free[:-nbufs - 1:-1]
+            del free[-nbufs:]
+            table = self.layout.desc
+            last = nbufs - 1
+            i = 0
+            for a, n in out:
+                pack(buf, table + 16 * descs[i], a, n,
+                     _NEXT if i < last else 0,
+                     descs[i + 1] if i < last else 0)
+                i += 1
+            for a, n in in_:
+                pack(buf, table + 16 * descs[i], a, n,
+                     _WRITE | _NEXT if i < last else _WRITE,
+                     descs[i + 1] if i < last else 0)
+                i += 1
         head = descs[0]
         self._chains[head] = descs
         u16 = self._u16
