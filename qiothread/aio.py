@@ -556,6 +556,7 @@ class AioContext:
         self.set_event_notifier(self.notifier, None)
         self.fdmon.close()
         self.notifier.close()
+        del self._notify_me         # an atomic view pins the mapping
         if self._own_block:
             self._block.close()
 

@@ -31,7 +31,13 @@ import ctypes.util
 import mmap
 from typing import Any
 
-__all__ = ["SharedU32", "SharedU64", "address_of", "full_barrier"]
+__all__ = [
+    "SharedU32",
+    "SharedU64",
+    "address_of",
+    "close_mapping",
+    "full_barrier",
+]
 
 #: C11 ``memory_order_seq_cst`` as GCC numbers it.
 _ATOMIC_SEQ_CST = 5
@@ -112,22 +118,42 @@ def address_of(buf: mmap.mmap | bytearray, offset: int = 0) -> int:
     return ctypes.addressof(c) + offset
 
 
+def close_mapping(buf: mmap.mmap) -> None:
+    """Unmap ``buf`` now, unless an atomic field still points into it.
+
+    A :class:`SharedU32` / :class:`SharedU64` that somebody still holds
+    (a notify handle in another thread, say) pins the mapping; it is
+    then unmapped when its last user goes, so that no atomic ever
+    touches unmapped memory.
+    """
+    try:
+        buf.close()
+    except BufferError:
+        pass
+
+
 class SharedU32:
     """An aligned unsigned 32-bit field of a shared mapping.
 
     Every operation is sequentially consistent, so each is also a full
-    barrier.  Any thread, any process that maps the same memory.
+    barrier.  Any thread, any process that maps the same memory.  The
+    mapping cannot be closed while the field object exists.
     """
 
     __slots__ = ("_addr", "_keep")
+    _width = 4
 
     def __init__(self, buf: mmap.mmap | bytearray, offset: int) -> None:
         if offset % 4:
             raise ValueError(f"offset {offset} is not 4-byte aligned")
         if not 0 <= offset <= len(buf) - 4:
             raise ValueError(f"offset {offset} is outside the buffer")
-        self._keep = buf
-        self._addr = address_of(buf, offset)
+        # The ctypes view holds a buffer export on ``buf``: while this
+        # object lives, ``mmap.close()`` raises BufferError instead of
+        # unmapping memory an atomic below would then touch (a crash of
+        # the whole process, not an exception).
+        self._keep = (ctypes.c_char * self._width).from_buffer(buf, offset)
+        self._addr = ctypes.addressof(self._keep)
 
     def load(self) -> int:
         return int(_load4(self._addr, _ATOMIC_SEQ_CST))
@@ -157,14 +183,19 @@ class SharedU64:
     """An aligned unsigned 64-bit field of a shared mapping (see above)."""
 
     __slots__ = ("_addr", "_keep")
+    _width = 8
 
     def __init__(self, buf: mmap.mmap | bytearray, offset: int) -> None:
         if offset % 8:
             raise ValueError(f"offset {offset} is not 8-byte aligned")
         if not 0 <= offset <= len(buf) - 8:
             raise ValueError(f"offset {offset} is outside the buffer")
-        self._keep = buf
-        self._addr = address_of(buf, offset)
+        # The ctypes view holds a buffer export on ``buf``: while this
+        # object lives, ``mmap.close()`` raises BufferError instead of
+        # unmapping memory an atomic below would then touch (a crash of
+        # the whole process, not an exception).
+        self._keep = (ctypes.c_char * self._width).from_buffer(buf, offset)
+        self._addr = ctypes.addressof(self._keep)
 
     def load(self) -> int:
         return int(_load8(self._addr, _ATOMIC_SEQ_CST))

@@ -71,7 +71,7 @@ from typing import Any, ClassVar
 
 from blockdev.thread_pool import set_thread_pool_params
 from qiothread.aio import AioContext
-from qiothread.barrier import SharedU64, full_barrier
+from qiothread.barrier import SharedU64, close_mapping, full_barrier
 from qiothread.errors import ConfigError, InternalError
 from qiothread.notifier import CONTROL_BLOCK_SIZE, AioNotifier, ControlBlock
 from qiothread.policies import (
@@ -424,7 +424,7 @@ class IOThread(EventLoopBase):
             self._words.release()
             self._words = None
         if self._map is not None:
-            self._map.close()
+            close_mapping(self._map)
             self._map = None
         if self._own_supervisor and self._supervisor is not None:
             self._supervisor.close()

@@ -40,7 +40,7 @@ import mmap
 import os
 import platform
 
-from qiothread.barrier import SharedU32, full_barrier
+from qiothread.barrier import SharedU32, close_mapping, full_barrier
 from qiothread.event_notifier import EventNotifier
 
 __all__ = ["CONTROL_BLOCK_SIZE", "AioNotifier", "ControlBlock"]
@@ -116,10 +116,17 @@ class ControlBlock:
         return self.u32[_I_NOTIFIED] != 0
 
     def close(self) -> None:
-        """Release the views (and the mapping and memfd if ours)."""
+        """Release the views (and the mapping and memfd if ours).
+
+        While an atomic field of the block still exists (``notify_me``
+        here, or in a handle somebody keeps), the mapping cannot be
+        closed; it is unmapped when its last user goes, so that a late
+        notify never touches unmapped memory.
+        """
         self.u32.release()
+        del self.notify_me          # its export pins the mapping
         if self._owned:
-            self._buf.close()
+            close_mapping(self._buf)
             if self.fd is not None:
                 os.close(self.fd)
                 self.fd = None

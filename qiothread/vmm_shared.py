@@ -27,7 +27,7 @@ import mmap
 from dataclasses import fields
 from typing import Any
 
-from qiothread.barrier import SharedU64
+from qiothread.barrier import SharedU64, close_mapping
 from virtio.blk import VirtQueueStats
 
 __all__ = ["ACCT_FIELDS", "ENGINES", "QUEUE_STAT_FIELDS", "SharedQueueStats",
@@ -170,7 +170,7 @@ class VmmShared:
         """Release the mapping (main process, after the children)."""
         for v in (*self._views, self._words, self._mv):
             v.release()
-        self._map.close()
+        close_mapping(self._map)
 
     def __enter__(self) -> VmmShared:
         return self

@@ -34,7 +34,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from qiothread.aio import AioContext
-from qiothread.barrier import SharedU64
+from qiothread.barrier import SharedU64, close_mapping
 from qiothread.notifier import _I_NOTIFIED, _I_NOTIFY_ME, AioNotifier
 
 _ONE = (1).to_bytes(8, "little")
@@ -187,5 +187,5 @@ def run_stress(fdmon: str = "poll", rounds: int = 100_000,
         for g in gos:
             os.close(g)
         ctx.close()
-        shm.close()
+        close_mapping(shm)
     return result

@@ -171,7 +171,7 @@ def test_control_block_in_a_callers_mapping(fdmon: str) -> None:
     finally:
         ctx.close()
     block.close()
-    buf.close()
+    buf.close()         # nothing of ours pins the caller's mapping now
 
 
 def test_control_block_offset_checked() -> None:
