@@ -48,10 +48,21 @@ from qiothread.qmp.backend import (
 )
 from qiothread.vmm_shared import ACCT_FIELDS
 
-__all__ = ["MachineMonitor"]
+__all__ = ["MachineMonitor", "qdev_path"]
 
 #: Accounting words that combine by maximum, not by sum.
 _MAX_FIELDS = ("wr_highest_offset", "last_completion_ns", "aio_engine")
+
+
+def qdev_path(device_id: str) -> str:
+    """The ``qdev`` QEMU 7.2 reports for a virtio-blk-pci device: the
+    BlockBackend is attached to the proxy's inner virtio-blk device,
+    which has no id, so QEMU gives its canonical QOM path
+    (``/machine/peripheral/ID/virtio-backend``, or under
+    ``peripheral-anon`` for a device without ``id=``)."""
+    base = device_id if device_id.startswith("/machine/") else \
+        f"/machine/peripheral/{device_id}"
+    return f"{base}/virtio-backend"
 
 
 class MachineMonitor:
@@ -99,7 +110,7 @@ class MachineMonitor:
             queue = next((s.index for s in self.machine.queues
                           if s.dslot == i), 0)
             self.emit(MonitorEvent.device_broken(
-                dev.drive, dev.id, queue, reason))
+                dev.drive, qdev_path(dev.id), queue, reason))
 
     # -- QMPBackend ------------------------------------------------------
 
@@ -157,7 +168,7 @@ class MachineMonitor:
             proto = getattr(bs, "file", bs)
             opts = node.options
             out.append(BlockDeviceInfo(
-                device=node.drive_id, qdev=dev.id,
+                device=node.drive_id, qdev=qdev_path(dev.id),
                 node_name=node.format_node or node.name,
                 filename=str(opts.get("filename", "")),
                 protocol_driver=str(opts.get("driver", "file")),
@@ -170,7 +181,8 @@ class MachineMonitor:
                     t for t in dev.queue_iothreads if t is not None)),
                 broken=(m.shared is not None
                         and m.shared.broken(i) is not None),
-                driver="raw" if node.format_node else
+                # -drive always puts a format node (raw) on top.
+                driver="raw" if node.format_node or node.drive_id else
                 str(opts.get("driver", "file"))))
         return out
 
@@ -195,7 +207,7 @@ class MachineMonitor:
                         else acct[k] + v
                 merges += m.shared.read_queue(s.qslot)["merges"]
             stats = BlockDeviceStats(
-                device=node.drive_id, qdev=dev.id,
+                device=node.drive_id, qdev=qdev_path(dev.id),
                 node_name=node.format_node or node.name,
                 **{k: v for k, v in acct.items()
                    if k in BlockDeviceStats.__dataclass_fields__})

@@ -230,3 +230,37 @@ def test_regression_unwritable_log_file_is_qemus_error(
     assert out == ""
     assert err == (f"qiothread: Error opening logfile {missing}: No such "
                    "file or directory\n")
+
+
+def test_regression_query_block_names_qdev_and_format_as_qemu(
+        image: Path) -> None:
+    # Was: "qdev" the bare device id (QEMU gives the inner device's QOM
+    # path, .../virtio-backend) and "drv": "file" for a -drive with
+    # format=raw (QEMU's -drive always has the raw format node on top).
+    from types import SimpleNamespace
+
+    from qiothread.options import build_machine_config
+    from qiothread.qemu_opts import split_argv
+    from qiothread.vmm_qmp import MachineMonitor
+
+    qemu, _ = split_argv([
+        "-drive", f"if=none,id=d0,file={image},format=raw",
+        "-device", "virtio-blk-pci,drive=d0",
+        "-blockdev", f"driver=file,node-name=f1,filename={image}",
+        "-device", "virtio-blk-pci,drive=f1,id=vd1",
+        "-blockdev", f"driver=file,node-name=f2,filename={image}",
+        "-blockdev", "driver=raw,node-name=r2,file=f2",
+        "-device", "virtio-blk-pci,drive=r2,id=vd2"])
+    cfg = build_machine_config(qemu, 3)
+    machine = SimpleNamespace(config=cfg, shared=None, nodes={},
+                              queues=[], engine_in_use=lambda name: "")
+    monitor = MachineMonitor(machine)  # type: ignore[arg-type]
+    got = [(b.device, b.qdev, b.node_name, b.driver)
+           for b in monitor.query_block()]
+    assert got == [
+        ("d0", "/machine/peripheral-anon/device[0]/virtio-backend", "d0",
+         "raw"),
+        ("", "/machine/peripheral/vd1/virtio-backend", "f1", "file"),
+        ("", "/machine/peripheral/vd2/virtio-backend", "r2", "raw")]
+    assert [s.qdev for s in monitor.query_blockstats()] == \
+        [q for _, q, _, _ in got]

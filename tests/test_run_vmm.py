@@ -199,7 +199,8 @@ def test_monitor_reports_broken_devices_once_and_sums_blockstats(
             w[_IX["wr_highest_offset"]] = 1000 * (q + 1)
             shared.queue_stats(q).merges = 1
         (stats,) = monitor.query_blockstats()
-        assert (stats.device, stats.qdev) == ("d0", "v0")
+        assert (stats.device, stats.qdev) == (
+            "d0", "/machine/peripheral/v0/virtio-backend")
         assert (stats.rd_operations, stats.rd_bytes) == (7, 7 * 4096)
         assert stats.wr_highest_offset == 2000      # a maximum, not a sum
         assert stats.rd_merged == 2                 # reads only: theirs
@@ -211,5 +212,6 @@ def test_monitor_reports_broken_devices_once_and_sums_blockstats(
         (event,) = events
         assert event.name == "X_QIOTHREAD_DEVICE_BROKEN"  # type: ignore
         assert event.data == {  # type: ignore[attr-defined]
-            "device": "d0", "qdev": "v0", "queue": 0,
+            "device": "d0",
+            "qdev": "/machine/peripheral/v0/virtio-backend", "queue": 0,
             "reason": "Guest says index 300 is available"}
