@@ -116,8 +116,12 @@ def check_job(job: JobOptions, capacity: int) -> IoLog | None:
     if not job.read_iolog:
         job_region(job, capacity)
         return None
-    iolog = load_iolog(job.read_iolog,
-                       redirect=job.replay_redirect is not None)
+    try:
+        iolog = load_iolog(job.read_iolog,
+                           redirect=job.replay_redirect is not None)
+    except UnicodeDecodeError:
+        raise FioOptionError(f"fio: '{job.read_iolog}' is not an iolog "
+                             "(not text)") from None
     ReplayGenerator(iolog, capacity)
     return iolog
 

@@ -173,7 +173,15 @@ def _jobs(fio_args: list[str], files: list[str]
     jobs: list[JobOptions] = []
     if files:
         for path in files:
-            jobfile = load_jobfile(path)
+            try:
+                jobfile = load_jobfile(path)
+            except UnicodeDecodeError:
+                # Most likely a disk image given as QEMU takes one
+                # (``qemu disk.img``); here a bare word is a job file.
+                raise FioOptionError(
+                    f"fio: '{path}' is not a job file (not text); give "
+                    "a disk image with --image=PATH or -drive "
+                    "file=PATH,...") from None
             given = jobfile.global_options + given
             jobs += [j.with_options(global_pairs) for j in jobfile.jobs]
     if not per_job and not files:

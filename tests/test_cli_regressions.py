@@ -264,3 +264,28 @@ def test_regression_query_block_names_qdev_and_format_as_qemu(
         ("", "/machine/peripheral/vd2/virtio-backend", "r2", "raw")]
     assert [s.qdev for s in monitor.query_blockstats()] == \
         [q for _, q, _, _ in got]
+
+
+def test_regression_binary_job_file_is_named(
+        image: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: a UnicodeDecodeError traceback for "qiothread run disk.img"
+    # (a disk image where a job file goes, as "qemu disk.img" takes it).
+    image.write_bytes(b"\x80\xff" * 4096)
+    status, out, err = run_cli([str(image)], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == (f"qiothread: fio: '{image}' is not a job file (not "
+                   "text); give a disk image with --image=PATH or -drive "
+                   "file=PATH,...\n")
+
+
+def test_regression_binary_iolog_is_named(
+        image: Path, tmp_path: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "bin.log"
+    log.write_bytes(b"\x80\xff" * 64)
+    status, out, err = run_cli(
+        [*machine_args(image), f"--read_iolog={log}"], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == f"qiothread: fio: '{log}' is not an iolog (not text)\n"
