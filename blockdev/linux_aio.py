@@ -86,6 +86,8 @@ _EVENT_SIZE = 32
 #: pack of it costs what a single field store through libaio's ctypes
 #: helpers does (io_prep_* plus io_set_eventfd are ~20 us a request).
 _IOCB = struct.Struct("<QIIhhIQQqQII")
+#: ``struct io_event``: data, obj, res, res2.
+_IO_EVENT = struct.Struct("<QQqq")
 #: ``struct iovec``: iov_base, iov_len.
 _IOVEC = struct.Struct("<QQ")
 _IOCB_CMD_PREADV = 7
@@ -139,6 +141,10 @@ class _Ring:
         self._hdr = hdr
         self.events = (_aio.io_event * self.nr).from_address(
             addr + _RING_HEADER)
+        #: The whole ring as bytes: events are unpacked from it with
+        #: struct (a ctypes record per event costs several times more).
+        self.raw = memoryview((ctypes.c_char * (
+            _RING_HEADER + _EVENT_SIZE * self.nr)).from_address(addr))
 
     @property
     def head(self) -> int:
@@ -336,9 +342,11 @@ class LinuxAioState:
                 break
             self.event_idx = 0
             while self.event_idx < self.event_max:
-                ev = ring.events[self._peek_head + self.event_idx]
-                laiocb = self.inflight.pop(int(ev.data))
-                laiocb.ret = int(ev.res)
+                key, _obj, res, _res2 = _IO_EVENT.unpack_from(
+                    ring.raw, _RING_HEADER + _EVENT_SIZE
+                    * (self._peek_head + self.event_idx))
+                laiocb = self.inflight.pop(key)
+                laiocb.ret = res
                 self.in_flight -= 1
                 self.event_idx += 1
                 self._finish(laiocb)
