@@ -395,7 +395,9 @@ class _Builder:
                    for n in self.cfg.nodes):
                 raise ConfigError(f"Device name '{node.drive_id}' "
                                   "conflicts with an existing node name")
-        else:
+        elif not node.name.startswith("#"):
+            # "#blockNNN" names are made here for nested nodes, as
+            # QEMU makes them; no user name can start with '#'.
             self._check_node_name(node.name)
         self.cfg.nodes.append(node)
 

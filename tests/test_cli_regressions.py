@@ -289,3 +289,27 @@ def test_regression_binary_iolog_is_named(
     assert status == 1
     assert out == ""
     assert err == f"qiothread: fio: '{log}' is not an iolog (not text)\n"
+
+
+@pytest.mark.parametrize("blockdev", [
+    '{{"driver":"raw","node-name":"r0","file":{{"driver":"file",'
+    '"filename":"{image}","aio":"threads"}}}}',
+    "driver=raw,node-name=r0,file.driver=file,file.filename={image},"
+    "file.aio=threads",
+])
+def test_regression_nested_file_node_without_node_name(
+        blockdev: str, image: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "Invalid node-name: '#block000'": the name made for the
+    # nested node (as QEMU makes one) failed the user-name check.
+    import json
+
+    status, out, err = run_cli(
+        ["-object", "iothread,id=io0",
+         "-blockdev", blockdev.format(image=image),
+         "-device", "virtio-blk-pci,drive=r0,iothread=io0",
+         "--rw=read", "--size=64k", "--output-format=json"], capfd)
+    assert (status, err) == (0, "")
+    doc = json.loads(out)
+    assert doc["jobs"][0]["read"]["io_bytes"] == 64 << 10
+    assert doc["qiothread"]["host"]["engines"] == {"#block000": "threads"}
