@@ -87,6 +87,23 @@ _PROPERTIES: dict[str, tuple[str, Any]] = {
 }
 
 
+#: Properties QEMU 7.2's virtio-blk-pci has (block, error, geometry,
+#: virtio-blk, virtio-pci, virtio and PCI ones) that qiothread does not
+#: model: refused as unsupported, not as unknown, since QEMU takes them.
+_QEMU_ONLY_PROPERTIES = frozenset((
+    "logical_block_size", "physical_block_size", "min_io_size",
+    "opt_io_size", "discard_granularity", "account-invalid",
+    "account-failed", "rerror", "werror", "cyls", "heads", "secs",
+    "lcyls", "lheads", "lsecs", "scsi", "report-discard-granularity",
+    "max-discard-sectors", "max-write-zeroes-sectors",
+    "x-enable-wce-if-config-wce", "virtio-pci-bus-master-bug-migration",
+    "migrate-extra", "modern-pio-notify", "x-disable-pcie",
+    "page-per-vq", "x-ignore-backend-features", "ats", "aer",
+    "disable-legacy", "disable-modern", "class", "notify_on_empty",
+    "any_layout", "iommu_platform", "packed", "use-started",
+    "use-disabled-flag", "x-disable-legacy-check", "romfile", "romsize",
+    "rombar", "multifunction", "failover_pair_id", "acpi-index"))
+
 #: How ``-device virtio-blk-pci,help`` names each property's type and
 #: describes it, as QEMU 7.2's PropertyInfo does (bit properties say
 #: "on/off", plain bools say nothing).
@@ -176,6 +193,9 @@ class _Device:
             from_json: bool) -> None:
         """Set one property, as ``object_property_set`` would."""
         prop = _PROPERTIES.get(name)
+        if prop is None and name in _QEMU_ONLY_PROPERTIES:
+            raise ConfigError(f"property '{name}' of {model} is not "
+                              "supported by qiothread")
         if prop is None:
             raise ConfigError(f"Property '{model}.{name}' not found")
         kind = prop[0]

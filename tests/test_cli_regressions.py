@@ -313,3 +313,25 @@ def test_regression_nested_file_node_without_node_name(
     doc = json.loads(out)
     assert doc["jobs"][0]["read"]["io_bytes"] == 64 << 10
     assert doc["qiothread"]["host"]["engines"] == {"#block000": "threads"}
+
+
+@pytest.mark.parametrize(("prop", "message"), [
+    ("logical_block_size=4096", "property 'logical_block_size' of "
+     "virtio-blk-pci is not supported by qiothread"),
+    ("scsi=off", "property 'scsi' of virtio-blk-pci is not supported by "
+     "qiothread"),
+    ("logical_blok_size=4096",
+     "Property 'virtio-blk-pci.logical_blok_size' not found"),
+])
+def test_regression_qemu_device_property_not_modelled_is_named(
+        prop: str, message: str, image: Path,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "Property 'virtio-blk-pci.logical_block_size' not found" for
+    # a property QEMU 7.2 has: it read as a typo.
+    device = f"virtio-blk-pci,drive=d0,{prop}"
+    status, out, err = run_cli(
+        ["-drive", f"if=none,id=d0,file={image},format=raw",
+         "-device", device], capfd)
+    assert status == 1
+    assert out == ""
+    assert err == f"qiothread: -device {device}: {message}\n"
