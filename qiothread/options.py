@@ -114,6 +114,9 @@ def _trace(opts: dict[str, str], cfg: TraceConfig,
                      if ln.strip() and not ln.lstrip().startswith("#")]
     names = [ev.name for ev in trace.all_events()]
     for pat in patterns:
+        if pat in ("help", "?"):
+            # QEMU's trace_enable_events: list every event and exit.
+            raise HelpRequested("".join(f"{n}\n" for n in names))
         bare = pat.lstrip("-")
         if not any(c in bare for c in "*?[") and bare not in names:
             warn(f"warning: trace event '{bare}' does not exist")

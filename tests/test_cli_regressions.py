@@ -335,3 +335,16 @@ def test_regression_qemu_device_property_not_modelled_is_named(
     assert status == 1
     assert out == ""
     assert err == f"qiothread: -device {device}: {message}\n"
+
+
+@pytest.mark.parametrize("arg", ["help", "enable=help", "?"])
+def test_regression_trace_help_lists_the_events(
+        arg: str, capfd: pytest.CaptureFixture[str]) -> None:
+    # Was: "warning: trace event 'help' does not exist", then a 5 s run.
+    from qiothread import trace
+
+    status, out, err = run_cli(["-trace", arg], capfd)
+    assert (status, err) == (0, "")
+    names = out.splitlines()
+    assert names == [ev.name for ev in trace.all_events()]
+    assert "poll_grow" in names and "virtqueue_pop" in names
