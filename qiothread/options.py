@@ -135,12 +135,14 @@ _CHARDEV_SOCKET_KEYS = ("backend", "id", "path", "server", "wait",
                         "fd")
 
 
-def _qmp(arg: str, index: int, pretty: bool) -> MonitorConfig:
+def _qmp(arg: str, index: int, pretty: bool,
+         warn: Callable[[str], None]) -> MonitorConfig:
     backend, _, rest = arg.partition(",")
     if not backend.startswith("unix:"):
         raise ConfigError("qiothread supports only unix:PATH QMP "
                           "sockets")
-    opts = qemu_opts_parse("qmp", rest, allowed=("server", "wait"))
+    opts = qemu_opts_parse("qmp", rest, allowed=("server", "wait"),
+                           warn=warn)
     return _socket_monitor(backend[5:], opts, pretty,
                            f"compat_monitor{index}")
 
@@ -156,9 +158,10 @@ def _socket_monitor(path: str, opts: Mapping[str, str], pretty: bool,
                          chardev=chardev)
 
 
-def _chardev(arg: str) -> tuple[str, dict[str, str]]:
+def _chardev(arg: str, warn: Callable[[str], None]
+             ) -> tuple[str, dict[str, str]]:
     opts = qemu_opts_parse("chardev", arg, implied="backend",
-                           allowed=_CHARDEV_SOCKET_KEYS)
+                           allowed=_CHARDEV_SOCKET_KEYS, warn=warn)
     ident = opts.get("id")
     if not ident:
         raise ConfigError("chardev: no id specified")
@@ -251,7 +254,7 @@ class _Builder:
             parsed: Any = parse_option(
                 arg, implied, help_allowed=option == "object")
         elif option == "drive":
-            parsed = qemu_opts_parse("drive", arg)
+            parsed = qemu_opts_parse("drive", arg, warn=self.warn)
             self._unique_id(parsed, self.drive_ids, "drive")
             if parsed.get("if") == "virtio":
                 # QEMU names it by interface and unit and adds the
@@ -265,7 +268,7 @@ class _Builder:
         elif option == "device":
             parsed = self._parse_device(arg)
         elif option == "chardev":
-            ident, parsed = _chardev(arg)
+            ident, parsed = _chardev(arg, self.warn)
             if ident in self.chardevs:
                 raise ConfigError(
                     f"Duplicate ID '{ident}' for chardev")
@@ -273,21 +276,23 @@ class _Builder:
             return
         elif option == "mon":
             parsed = qemu_opts_parse(
-                "mon", arg, allowed=("mode", "chardev", "pretty"))
+                "mon", arg, allowed=("mode", "chardev", "pretty"),
+                warn=self.warn)
         elif option in ("qmp", "qmp-pretty"):
             self.cfg.monitors.append(_qmp(
                 arg, len(self.cfg.monitors),
-                option == "qmp-pretty"))
+                option == "qmp-pretty", self.warn))
             return
         elif option == "trace":
             _trace(qemu_opts_parse(
                 "trace", arg, implied="enable",
-                allowed=("enable", "events", "file")),
+                allowed=("enable", "events", "file"), warn=self.warn),
                 self.cfg.trace, self.warn)
             return
         elif option == "msg":
             opts = qemu_opts_parse(
-                "msg", arg, allowed=("timestamp", "guest-name"))
+                "msg", arg, allowed=("timestamp", "guest-name"),
+                warn=self.warn)
             if "timestamp" in opts:
                 self.cfg.trace.timestamps = parse_bool(
                     "timestamp", opts["timestamp"])
@@ -303,7 +308,8 @@ class _Builder:
     def _parse_device(self, arg: str) -> ParsedOption:
         if arg.startswith("{"):
             return parse_option(arg)
-        opts = qemu_opts_parse("device", arg, implied="driver")
+        opts = qemu_opts_parse("device", arg, implied="driver",
+                               warn=self.warn)
         self._unique_id(opts, self.device_ids, "device")
         return ParsedOption(dict(opts), keyval=True)
 

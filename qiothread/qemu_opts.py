@@ -26,7 +26,7 @@ both the command-line and the JSON form.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from qiothread.errors import ConfigError
 
@@ -155,7 +155,8 @@ def _opt_pairs(arg: str, implied: str | None
 
 
 def qemu_opts_parse(option: str, arg: str, implied: str | None = None,
-                    allowed: Sequence[str] | None = None
+                    allowed: Sequence[str] | None = None,
+                    warn: Callable[[str], None] | None = None
                     ) -> dict[str, str]:
     """Parse one QemuOpts argument into ``{key: value}`` (strings).
 
@@ -163,7 +164,8 @@ def qemu_opts_parse(option: str, arg: str, implied: str | None = None,
     deprecated short form).  A repeated key keeps the last value, as
     ``qemu_opt_get`` sees it.  ``allowed`` is the option group's
     description; ``None`` accepts any key (``-device``, ``-drive``,
-    whose keys are checked later as properties).
+    whose keys are checked later as properties).  ``warn`` gets QEMU
+    7.2's deprecation warning for each short-form boolean.
 
     :raises OptionError: an unknown key (``Invalid parameter 'k'``) or a
         malformed ``id``.
@@ -171,11 +173,16 @@ def qemu_opts_parse(option: str, arg: str, implied: str | None = None,
     out: dict[str, str] = {}
     for key, value, had_eq in _opt_pairs(arg, implied):
         if not had_eq:
+            prefix = ""
             if key.startswith("no") and key[2:] and (
                     allowed is None or key[2:] in allowed):
-                key, value = key[2:], "off"
+                key, value, prefix = key[2:], "off", "no"
             else:
                 value = "on"
+            if warn is not None and key != "help":
+                warn(f"warning: short-form boolean option "
+                     f"'{prefix}{key}' deprecated\n"
+                     f"Please use {key}={value} instead")
         if allowed is not None and key != "id" and key not in allowed:
             raise OptionError(option, arg, f"Invalid parameter '{key}'")
         out[key] = value

@@ -348,3 +348,28 @@ def test_regression_trace_help_lists_the_events(
     names = out.splitlines()
     assert names == [ev.name for ev in trace.all_events()]
     assert "poll_grow" in names and "virtqueue_pop" in names
+
+
+def test_regression_short_form_booleans_warn_as_qemu(
+        image: Path, tmp_path: Path) -> None:
+    # Was: silently accepted; QEMU 7.2 warns for each one (old command
+    # lines with "server,nowait" are everywhere).
+    from qiothread.run import plan_run
+
+    sock = tmp_path / "q.sock"
+    qmp = f"unix:{sock},server,nowait"
+    drive = f"if=none,id=d0,file={image},format=raw,readonly"
+    plan = plan_run(["-drive", drive, "-device", "virtio-blk-pci,drive=d0",
+                     "-qmp", qmp, "-msg", "timestamp"])
+    assert plan.warnings == [
+        f"-drive {drive}: warning: short-form boolean option 'readonly' "
+        "deprecated\nPlease use readonly=on instead",
+        f"-qmp {qmp}: warning: short-form boolean option 'server' "
+        "deprecated\nPlease use server=on instead",
+        f"-qmp {qmp}: warning: short-form boolean option 'nowait' "
+        "deprecated\nPlease use wait=off instead",
+        "-msg timestamp: warning: short-form boolean option 'timestamp' "
+        "deprecated\nPlease use timestamp=on instead"]
+    (monitor,) = plan.config.monitors
+    assert (monitor.path, monitor.wait) == (str(sock), False)
+    assert plan.config.trace.timestamps is True
