@@ -43,6 +43,8 @@ QEMU options (as QEMU spells them):
   -qmp unix:PATH,server=on,wait=off
   -chardev socket,id=ID,path=PATH,server=on,wait=off
   -mon chardev=ID,mode=control
+  Lists: -object help, -object iothread,help, -device help,
+         -device virtio-blk-pci,help, -trace help
 
 fio options (as fio spells them): --name=, --rw=, --bs=, --iodepth=,
   --numjobs=, --runtime=, --time_based, --size=, --offset=,
