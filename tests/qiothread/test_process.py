@@ -378,7 +378,11 @@ def test_child_started_from_a_short_lived_thread_outlives_it() -> None:
         assert sup.children[0].alive
 
 
-def _ready_then_exit(ch: ReadyChannel) -> None:
+_GO = os.eventfd(0)     # blocking; inherited by the child below
+
+
+def _ready_on_go_then_exit(ch: ReadyChannel) -> None:
+    os.eventfd_read(_GO)
     ch.ready(done=1)
 
 
@@ -386,10 +390,11 @@ def test_regression_ready_line_of_a_child_that_exited_at_once(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """A child may send its ready line and exit before the parent looks.
 
-    The parent's first read of the pipe is made to come before the
-    child's write (as a busy machine schedules it): the parent then
-    finds the child dead, and must still read what it left in the pipe
-    instead of reporting "exited with status 0 before it was ready".
+    Made deterministic: the parent's first read of the pipe really
+    comes before the child's write (the child waits for a go the read
+    gives), and then the child exits.  The parent finds it dead and
+    must still read what it left in the pipe instead of reporting
+    "exited with status 0 before it was ready".
     """
     from qiothread.process import Child
 
@@ -399,14 +404,16 @@ def test_regression_ready_line_of_a_child_that_exited_at_once(
     def read_before_the_child_wrote(self: Child) -> list[dict[str, object]]:
         calls.append(1)
         if len(calls) == 1:
-            # Nothing read yet; meanwhile the child writes and exits.
-            select.select([self.pidfd], [], [], 30)
-            return []
+            got = real(self)        # nothing there: the child waits
+            assert got == []
+            os.eventfd_write(_GO, 1)
+            select.select([self.pidfd], [], [], 60)  # it writes, exits
+            return got
         return real(self)
 
     monkeypatch.setattr(Child, "_read_pipe", read_before_the_child_wrote)
     with Supervisor() as sup:
-        c = sup.start("guest 'g7'", _ready_then_exit, may_exit=True)
+        c = sup.start("guest 'g7'", _ready_on_go_then_exit, may_exit=True)
         assert c.info == {"done": 1}
         assert c.state is ChildState.RUNNING
         sup.check()                 # status 0 and may_exit: fine
