@@ -272,21 +272,25 @@ class FaultInjector:
 
     # -- completion: latency and stalls --------------------------------
 
-    def _release_time(self, now: int) -> int:
-        spec = self.spec
-        t = now + spec.latency_ns
-        if spec.jitter_ns:
-            t += self.rng.randint(0, spec.jitter_ns)
+    def _outside_stalls(self, t: int) -> int:
+        """The first time at or after ``t`` that no stall window holds."""
         # Until no window holds t: the end of one window may fall inside
         # another one listed before it.
         moved = True
         while moved:
             moved = False
-            for lo, hi in spec.stalls:
+            for lo, hi in self.spec.stalls:
                 if self.t0 + lo <= t < self.t0 + hi:
                     t = self.t0 + hi
                     moved = True
         return t
+
+    def _release_time(self, now: int) -> int:
+        spec = self.spec
+        t = now + spec.latency_ns
+        if spec.jitter_ns:
+            t += self.rng.randint(0, spec.jitter_ns)
+        return self._outside_stalls(t)
 
     def _complete(self, cb: CompletionCB, ret: int) -> None:
         now = self._now()
@@ -301,6 +305,15 @@ class FaultInjector:
 
     def _release(self) -> None:
         now = self._now()
+        # A timer fires late when the loop is busy (or a re-attach moved
+        # t0): a completion due before a window must then still wait
+        # for the window to end, not slip out in the middle of it.
+        # Everything due waits together, so the heap order is kept.
+        free = self._outside_stalls(now)
+        if free > now:
+            assert self.release_timer is not None
+            self.release_timer.mod_ns(free)
+            return
         while self.held and self.held[0][0] <= now:
             _, _, cb, ret = heapq.heappop(self.held)
             cb(ret)

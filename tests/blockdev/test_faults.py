@@ -252,3 +252,31 @@ def test_injected_eio_hits_exactly_the_chosen_requests(
             -errno.EIO, -errno.EIO, 0)
     finally:
         node.close()
+
+
+def test_regression_late_timer_never_releases_inside_a_stall(
+        vctx: Any) -> None:
+    """A release timer firing late let completions out inside a stall.
+
+    latency 100 us, stall [1.2, 2.1) ms, iops 1000, three reads, a loop
+    that looks only at 0, 1 and 2 ms, then every 100 us: request 0 goes
+    at 1 ms (late, but before the window); request 1, throttled to 1 ms,
+    is due at 1.1 ms, and its late timer released it at 2 ms, inside the
+    window.  It must wait for the window's end, and request 2 (started
+    at 2 ms, due at 2.1 ms) comes after it.
+    """
+    ctx, clock = vctx
+    t0 = clock.now_ns()
+    rec = Recorder(ctx, clock)
+    spec = FaultSpec(latency_ns=100 * US, stalls=((1200 * US, 2100 * US),),
+                     iops=1000)
+    inj = FaultInjector(spec, rec)
+    inj.attach(ctx)
+    done: list[tuple[int, int]] = []
+    for i in range(3):
+        inj.submit(_req(i * 4096),
+                   lambda ret, i=i: done.append((clock.now_ns() - t0, i)))
+    for t in [0, MS, 2 * MS] + [2 * MS + k * 100 * US for k in range(1, 20)]:
+        _step(ctx, clock, t0 + t)
+    inj.detach()
+    assert done == [(MS, 0), (2100 * US, 1), (2100 * US, 2)]
