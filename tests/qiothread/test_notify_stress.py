@@ -17,6 +17,7 @@ itself is therefore checked directly below.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ import pytest
 import qiothread.aio
 import qiothread.notifier
 from qiothread.aio import AioContext
+from qiothread.clock import VirtualClock
 from qiothread.notifier import _I_NOTIFIED, _I_NOTIFY_ME
 
 from .notify_stress import run_stress
@@ -116,8 +118,28 @@ def test_aio_poll_raises_notify_me_before_reading_notified(
     """The poller side: RMW on notify_me (a full barrier), then the
     load of notified; after the wait, notify_me back, then the clear of
     notified followed by a barrier (aio_notify_accept)."""
+    _check_poller_order(monkeypatch, fdmon, late_s=0.0)
+
+
+def test_regression_notify_me_order_on_a_loaded_machine(
+        monkeypatch: Any, fdmon: str) -> None:
+    """The check above got ('store0', 32) first under load: its 1 ms
+    timer ran on the real clock and expired before aio_poll(True), so
+    the timeout was 0 and notify_me rightly stayed down.  A 5 ms pause
+    before the poll stands in for the loaded machine."""
+    _check_poller_order(monkeypatch, fdmon, late_s=0.005)
+
+
+def _check_poller_order(monkeypatch: Any, fdmon: str,
+                        late_s: float) -> None:
     log: list[tuple[str, int]] = []
-    ctx = AioContext(fdmon=fdmon)
+    # Virtual time: the timer below stays 1 ms away however long the
+    # machine takes to reach aio_poll(True), so the timeout is never 0
+    # and notify_me must be raised (on a real clock a loaded machine let
+    # the timer expire first: timeout 0, rightly no notify_me).  The
+    # wait itself is a real 1 ms epoll/poll, after which aio_poll
+    # returns with the timer still pending.
+    ctx = AioContext(fdmon=fdmon, clock=VirtualClock(1_000_000_000))
     try:
         ctx.aio_poll(False)
         monkeypatch.setattr(qiothread.aio, "full_barrier",
@@ -128,6 +150,7 @@ def test_aio_poll_raises_notify_me_before_reading_notified(
         t = ctx.timer_new_ns(lambda: None)
         t.mod_ns(ctx.clock.now_ns() + 1_000_000)
         ctx.notify_accept()
+        time.sleep(late_s)
         log.clear()
         ctx.aio_poll(True)
         assert log[:3] == [("fetch_add", 2), ("load", _I_NOTIFIED),
