@@ -151,7 +151,10 @@ class VirtIOBlock(VirtIODevice):
         self.bs = bs
         self.conf = conf
         self.mem = mem
-        self.lbs = conf.logical_block_size or bs.logical_block_size
+        #: The guest-visible block size: the device's property (512 by
+        #: default), not the host's; blockdev bounces what the host's
+        #: alignment refuses.
+        self.lbs = conf.logical_block_size
         self._sector_mask = self.lbs // 512 - 1
         align = max(1, bs.request_alignment)
         bs_max = getattr(bs, "max_transfer", 0) or _INT_MAX

@@ -216,7 +216,10 @@ class VirtIOBlkConf:
     max_write_zeroes_sectors: int = BDRV_REQUEST_MAX_SECTORS
     seg_max_adjust: bool = True
     config_wce: bool = True
-    #: The device's ``logical_block_size``; 0 takes the backend's.
+    #: The device's ``logical_block_size``; 0 (unset) becomes 512 in
+    #: :meth:`realize`, as ``blkconf_blocksizes`` does for every host
+    #: but a DASD: never the host's size, whose alignment is the block
+    #: layer's to meet (bounce buffers), not the guest's.
     logical_block_size: int = 0
 
     _PROPS: ClassVar[dict[str, tuple[str, int]]] = {
@@ -277,6 +280,10 @@ class VirtIOBlkConf:
             self.num_queues = (
                 min(vcpus, _PCI_MSIX_QUEUES_MAX, VIRTIO_QUEUE_MAX)
                 if transport == "pci" else 1)
+        if not self.logical_block_size:
+            # blkconf_blocksizes: the backend is probed only on s390x
+            # DASDs, which this tool does not serve.
+            self.logical_block_size = BDRV_SECTOR_SIZE
         if not self.num_queues:
             raise ConfigError("num-queues property must be larger than 0")
         if self.queue_size <= 2:

@@ -253,6 +253,30 @@ def test_range_and_alignment_give_ioerr_without_backend(
         d.close()
 
 
+def test_regression_block_size_is_the_device_property() -> None:
+    """The device took the host's 4096-byte block size, so 512-byte
+    requests failed its range check; QEMU's is the device property,
+    512 unless set, whatever the host's (the block layer bounces)."""
+    d = make_disk(lbs=4096, record=True,
+                  conf=VirtIOBlkConf(num_queues=1, queue_size=16))
+    try:
+        assert d.dev.lbs == 512
+        b = d.mem.alloc(512)
+        for kind in (T.OUT, T.IN):
+            assert one(d, kind, 512, [(b, 512)]).status == S.OK
+        assert len(d.bs.log) == 2
+    finally:
+        d.close()
+    d = make_disk(lbs=512, conf=VirtIOBlkConf(
+        num_queues=1, queue_size=16, logical_block_size=4096))
+    try:
+        assert d.dev.lbs == 4096
+        b = d.mem.alloc(512)
+        assert one(d, T.IN, 0, [(b, 512)]).status == S.IOERR
+    finally:
+        d.close()
+
+
 def test_request_at_the_last_sector_is_fine(disk: Disk) -> None:
     b = disk.mem.alloc(512)
     assert one(disk, T.IN, (1 << 20) - 512, [(b, 512)]).status == S.OK
