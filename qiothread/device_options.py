@@ -15,8 +15,11 @@ QEMU creates a device in three steps, and so does this module:
    QEMU 9.0's queue-to-iothread mapping (reference §15.7: exclusive with
    ``iothread``, every iothread existing and named once, all entries
    with ``vqs`` or none, every queue assigned exactly once; without
-   ``vqs`` queues go round-robin).  A device with an iothread needs
-   ``ioeventfd=on``, as in QEMU.
+   ``vqs`` queues go round-robin), and ``blkconf_blocksizes``: the
+   device's ``logical_block_size`` and ``physical_block_size`` are 512
+   unless set (QEMU probes the host only on a DASD), the logical one no
+   larger.  A device with an iothread needs ``ioeventfd=on``, as in
+   QEMU.
 
 The result is a :class:`~qiothread.options.DeviceConfig` whose
 ``queue_iothreads`` says, for each queue, which iothread serves it:
@@ -49,6 +52,7 @@ from qiothread.vmconfig import (
     MachineConfig,
     VqMapping,
 )
+from virtio.blk_defs import BDRV_SECTOR_SIZE, check_block_size
 
 __all__ = ["DEVICE_MODELS", "create_device"]
 
@@ -76,6 +80,9 @@ _PROPERTIES: dict[str, tuple[str, Any]] = {
     "discard": ("bool", True),
     "write-zeroes": ("bool", True),
     "config-wce": ("bool", True),
+    # 0 is "unset": realize makes it 512 (QEMU probes only DASDs).
+    "logical_block_size": ("blocksize", 0),
+    "physical_block_size": ("blocksize", 0),
     "ioeventfd": ("bool", True),
     "share-rw": ("bool", False),
     "write-cache": ("onoffauto", "auto"),
@@ -91,8 +98,7 @@ _PROPERTIES: dict[str, tuple[str, Any]] = {
 #: virtio-blk, virtio-pci, virtio and PCI ones) that qiothread does not
 #: model: refused as unsupported, not as unknown, since QEMU takes them.
 _QEMU_ONLY_PROPERTIES = frozenset((
-    "logical_block_size", "physical_block_size", "min_io_size",
-    "opt_io_size", "discard_granularity", "account-invalid",
+    "min_io_size", "opt_io_size", "discard_granularity", "account-invalid",
     "account-failed", "rerror", "werror", "cyls", "heads", "secs",
     "lcyls", "lheads", "lsecs", "scsi", "report-discard-granularity",
     "max-discard-sectors", "max-write-zeroes-sectors",
@@ -119,6 +125,10 @@ _HELP_TYPES: dict[str, tuple[str, str | None]] = {
     "discard": ("bool", "on/off"),
     "write-zeroes": ("bool", "on/off"),
     "config-wce": ("bool", "on/off"),
+    "logical_block_size": ("size", "A power of two between 512 B and "
+                                   "2 MiB"),
+    "physical_block_size": ("size", "A power of two between 512 B and "
+                                    "2 MiB"),
     "ioeventfd": ("bool", "on/off"),
     "write-cache": ("OnOffAuto", "on/off/auto"),
     "addr": ("int32", "Slot and optional function number, example: "
@@ -209,8 +219,16 @@ class _Device:
             "drive": lambda: self._drive(model, name, value, from_json),
             "link": lambda: self._iothread(name, value, from_json),
             "vqmap": lambda: _vq_mapping(name, value, from_json),
+            "blocksize": lambda: self._blocksize(name, value, from_json),
         }
         self.values[name] = readers[kind]()
+
+    def _blocksize(self, name: str, value: Any, from_json: bool) -> int:
+        size = parse_uint(name, value, 32, from_json)
+        # QEMU names the device by its id, "" for an anonymous one.
+        check_block_size(name, size, "" if self.ident.startswith("/")
+                         else self.ident)
+        return size
 
     @staticmethod
     def _on_off_auto(name: str, value: Any, from_json: bool) -> str:
@@ -268,6 +286,12 @@ class _Device:
             raise ConfigError(
                 f"invalid queue-size property ({size}), must be a power "
                 f"of 2 (max {VIRTQUEUE_MAX_SIZE})")
+        # blkconf_blocksizes, the backend never probed (not a DASD).
+        lbs = v["logical_block_size"] or BDRV_SECTOR_SIZE
+        pbs = v["physical_block_size"] or BDRV_SECTOR_SIZE
+        if lbs > pbs:
+            raise ConfigError(
+                "logical_block_size > physical_block_size not supported")
         return DeviceConfig(
             id=self.ident, drive=drive, num_queues=num_queues,
             queue_size=size,
@@ -277,7 +301,8 @@ class _Device:
             seg_max_adjust=v["seg-max-adjust"], discard=v["discard"],
             write_zeroes=v["write-zeroes"], config_wce=v["config-wce"],
             write_cache=v["write-cache"], iothread=v["iothread"],
-            iothread_vq_mapping=v["iothread-vq-mapping"])
+            iothread_vq_mapping=v["iothread-vq-mapping"],
+            logical_block_size=lbs, physical_block_size=pbs)
 
     def _queue_iothreads(self, num_queues: int) -> list[str | None]:
         iothread: str | None = self.values["iothread"]

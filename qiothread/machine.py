@@ -322,7 +322,9 @@ class Machine:
             serial=dev.serial, request_merging=dev.request_merging,
             event_idx=dev.event_idx, indirect_desc=dev.indirect_desc,
             discard=dev.discard, write_zeroes=dev.write_zeroes,
-            seg_max_adjust=dev.seg_max_adjust, config_wce=dev.config_wce)
+            seg_max_adjust=dev.seg_max_adjust, config_wce=dev.config_wce,
+            logical_block_size=dev.logical_block_size,
+            physical_block_size=dev.physical_block_size)
         # blockdev's node protocol declares its size attributes
         # read-only, virtio's settable: the same object satisfies both.
         vdev = VirtIOBlock(cast("BlockBackend", bs), conf, setups,

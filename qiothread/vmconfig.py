@@ -111,6 +111,9 @@ class DeviceConfig:
     iothread: str | None = None
     #: ``iothread-vq-mapping`` as given (9.0 form), or None.
     iothread_vq_mapping: list[VqMapping] | None = None
+    #: The guest-visible block sizes (512 unless set), not the host's.
+    logical_block_size: int = 512
+    physical_block_size: int = 512
 
 
 @dataclass

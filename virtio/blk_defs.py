@@ -45,6 +45,7 @@ __all__ = [
     "VirtioBlkFeature",
     "VirtioBlkStatus",
     "VirtioBlkType",
+    "check_block_size",
 ]
 
 BDRV_SECTOR_BITS: Final = 9
@@ -177,20 +178,21 @@ _MIN_BLOCK_SIZE = 512
 _MAX_BLOCK_SIZE = 2 * 1024 * 1024
 
 
-def _check_block_size(name: str, value: int) -> None:
+def check_block_size(name: str, value: int, dev_id: str = "") -> None:
     """The block-size property setter's checks (0 means unset).
 
-    The device has no ``id`` here, so QEMU's ``dev->id ?: ""`` is the
-    empty string.  Size suffixes (``4k``) are not accepted.
+    ``dev_id`` is the device's ``id``; QEMU's ``dev->id ?: ""`` makes
+    it the empty string for a device without one.  Size suffixes
+    (``4k``) are not accepted.
     """
     if value and not _MIN_BLOCK_SIZE <= value <= _MAX_BLOCK_SIZE:
         raise ConfigError(
-            f"Property .{name} doesn't take value {value} (minimum: "
-            f"{_MIN_BLOCK_SIZE}, maximum: {_MAX_BLOCK_SIZE})")
+            f"Property {dev_id}.{name} doesn't take value {value} "
+            f"(minimum: {_MIN_BLOCK_SIZE}, maximum: {_MAX_BLOCK_SIZE})")
     if value & (value - 1):
         raise ConfigError(
-            f"Property .{name} doesn't take value '{value}', it's not a "
-            "power of 2")
+            f"Property {dev_id}.{name} doesn't take value '{value}', it's "
+            "not a power of 2")
 
 
 @dataclass
@@ -221,6 +223,8 @@ class VirtIOBlkConf:
     #: but a DASD: never the host's size, whose alignment is the block
     #: layer's to meet (bounce buffers), not the guest's.
     logical_block_size: int = 0
+    #: ``physical_block_size``; 0 (unset) becomes 512 likewise.
+    physical_block_size: int = 0
 
     _PROPS: ClassVar[dict[str, tuple[str, int]]] = {
         "num-queues": ("num_queues", 16),
@@ -236,6 +240,7 @@ class VirtIOBlkConf:
         "seg-max-adjust": ("seg_max_adjust", -1),
         "config-wce": ("config_wce", -1),
         "logical_block_size": ("logical_block_size", 32),
+        "physical_block_size": ("physical_block_size", 32),
     }
 
     @classmethod
@@ -262,8 +267,8 @@ class VirtIOBlkConf:
                 parsed = str(value)
             else:
                 parsed = _parse_uint(key, value, kind)
-                if key == "logical_block_size":
-                    _check_block_size(key, parsed)
+                if key.endswith("_block_size"):
+                    check_block_size(key, parsed)
             setattr(conf, attr, parsed)
         return conf
 
@@ -280,10 +285,15 @@ class VirtIOBlkConf:
             self.num_queues = (
                 min(vcpus, _PCI_MSIX_QUEUES_MAX, VIRTIO_QUEUE_MAX)
                 if transport == "pci" else 1)
-        if not self.logical_block_size:
-            # blkconf_blocksizes: the backend is probed only on s390x
-            # DASDs, which this tool does not serve.
-            self.logical_block_size = BDRV_SECTOR_SIZE
+        # blkconf_blocksizes: the backend is probed only on s390x
+        # DASDs, which this tool does not serve.
+        self.logical_block_size = self.logical_block_size or (
+            BDRV_SECTOR_SIZE)
+        self.physical_block_size = self.physical_block_size or (
+            BDRV_SECTOR_SIZE)
+        if self.logical_block_size > self.physical_block_size:
+            raise ConfigError(
+                "logical_block_size > physical_block_size not supported")
         if not self.num_queues:
             raise ConfigError("num-queues property must be larger than 0")
         if self.queue_size <= 2:

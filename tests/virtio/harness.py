@@ -84,8 +84,8 @@ def make_disk(*, size: int = 1 << 20, queue_size: int = 16,
     """A disk of ``size`` bytes with ``num_queues`` queues.
 
     ``lbs`` is both the backend's block size and the device's
-    ``logical_block_size`` property (a device takes only its own, as
-    QEMU's does).
+    ``logical_block_size`` (and ``physical_block_size``) property: a
+    device takes only its own, as QEMU's does.
     """
     mem = GuestMemory.create(mem_size)
     ctx = AioContext()
@@ -93,7 +93,8 @@ def make_disk(*, size: int = 1 << 20, queue_size: int = 16,
     bs.attach_aio_context(ctx)
     if conf is None:
         conf = VirtIOBlkConf(num_queues=num_queues, queue_size=queue_size,
-                             logical_block_size=lbs)
+                             logical_block_size=lbs,
+                             physical_block_size=lbs)
     queue_size = conf.queue_size
     num_queues = conf.num_queues
     queues = []

@@ -268,7 +268,8 @@ def test_regression_block_size_is_the_device_property() -> None:
     finally:
         d.close()
     d = make_disk(lbs=512, conf=VirtIOBlkConf(
-        num_queues=1, queue_size=16, logical_block_size=4096))
+        num_queues=1, queue_size=16, logical_block_size=4096,
+        physical_block_size=4096))
     try:
         assert d.dev.lbs == 4096
         b = d.mem.alloc(512)
