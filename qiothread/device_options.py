@@ -46,13 +46,11 @@ from qiothread.qemu_opts import (
 from qiothread.vmconfig import (
     VIRTIO_BLK_AUTO_NUM_QUEUES,
     VIRTIO_BLK_DEFAULT_QUEUE_SIZE,
-    VIRTIO_QUEUE_MAX,
-    VIRTQUEUE_MAX_SIZE,
     DeviceConfig,
     MachineConfig,
     VqMapping,
 )
-from virtio.blk_defs import BDRV_SECTOR_SIZE, check_block_size
+from virtio.blk_defs import VirtIOBlkConf, check_block_size
 
 __all__ = ["DEVICE_MODELS", "create_device"]
 
@@ -61,7 +59,6 @@ DEVICE_MODELS = ("virtio-blk-pci", "virtio-blk")
 
 #: The MSI-X table (2048 entries) less the config vector caps the
 #: "auto" queue count on PCI (reference §15.1).
-_PCI_AUTO_QUEUE_CAP = 2047
 
 _ON_OFF_AUTO = ("on", "off", "auto")
 
@@ -262,36 +259,22 @@ class _Device:
         :raises ConfigError: QEMU's realize messages (module text).
         """
         v = self.values
-        num_queues: int = v["num-queues"]
-        if num_queues == VIRTIO_BLK_AUTO_NUM_QUEUES:
-            num_queues = min(max(vcpus, 1), _PCI_AUTO_QUEUE_CAP,
-                             VIRTIO_QUEUE_MAX)
         drive: str | None = v["drive"]
         if drive is None:
             raise ConfigError("drive property not set")
         node = self.cfg.node(drive)
         if node is not None and node.empty:
             raise ConfigError("Device needs media, but drive is empty")
-        if num_queues == 0:
-            raise ConfigError("num-queues property must be larger than 0")
-        if num_queues > VIRTIO_QUEUE_MAX:
-            raise ConfigError(
-                f"num-queues {num_queues} is more than the "
-                f"{VIRTIO_QUEUE_MAX} queues a virtio device can have")
-        size: int = v["queue-size"]
-        if size <= 2:
-            raise ConfigError(
-                f"invalid queue-size property ({size}), must be > 2")
-        if size & (size - 1) or size > VIRTQUEUE_MAX_SIZE:
-            raise ConfigError(
-                f"invalid queue-size property ({size}), must be a power "
-                f"of 2 (max {VIRTQUEUE_MAX_SIZE})")
-        # blkconf_blocksizes, the backend never probed (not a DASD).
-        lbs = v["logical_block_size"] or BDRV_SECTOR_SIZE
-        pbs = v["physical_block_size"] or BDRV_SECTOR_SIZE
-        if lbs > pbs:
-            raise ConfigError(
-                "logical_block_size > physical_block_size not supported")
+        # The rest of virtio_blk_device_realize, in QEMU's order, is the
+        # device model's own.
+        conf = VirtIOBlkConf(
+            num_queues=v["num-queues"], queue_size=v["queue-size"],
+            discard=v["discard"], write_zeroes=v["write-zeroes"],
+            logical_block_size=v["logical_block_size"],
+            physical_block_size=v["physical_block_size"])
+        conf.realize(max(vcpus, 1))
+        num_queues, size = conf.num_queues, conf.queue_size
+        lbs, pbs = conf.logical_block_size, conf.physical_block_size
         return DeviceConfig(
             id=self.ident, drive=drive, num_queues=num_queues,
             queue_size=size,

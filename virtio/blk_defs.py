@@ -285,15 +285,6 @@ class VirtIOBlkConf:
             self.num_queues = (
                 min(vcpus, _PCI_MSIX_QUEUES_MAX, VIRTIO_QUEUE_MAX)
                 if transport == "pci" else 1)
-        # blkconf_blocksizes: the backend is probed only on s390x
-        # DASDs, which this tool does not serve.
-        self.logical_block_size = self.logical_block_size or (
-            BDRV_SECTOR_SIZE)
-        self.physical_block_size = self.physical_block_size or (
-            BDRV_SECTOR_SIZE)
-        if self.logical_block_size > self.physical_block_size:
-            raise ConfigError(
-                "logical_block_size > physical_block_size not supported")
         if not self.num_queues:
             raise ConfigError("num-queues property must be larger than 0")
         if self.queue_size <= 2:
@@ -305,6 +296,15 @@ class VirtIOBlkConf:
             raise ConfigError(
                 f"invalid queue-size property ({self.queue_size}), "
                 f"must be a power of 2 (max {VIRTQUEUE_MAX_SIZE})")
+        # blkconf_blocksizes, after the queue checks as in 7.2: the
+        # backend is probed only on s390x DASDs, which we do not serve.
+        self.logical_block_size = self.logical_block_size or (
+            BDRV_SECTOR_SIZE)
+        self.physical_block_size = self.physical_block_size or (
+            BDRV_SECTOR_SIZE)
+        if self.logical_block_size > self.physical_block_size:
+            raise ConfigError(
+                "logical_block_size > physical_block_size not supported")
         if self.discard and not (
                 1 <= self.max_discard_sectors <= BDRV_REQUEST_MAX_SECTORS):
             raise ConfigError(

@@ -300,6 +300,18 @@ ERRORS: list[tuple[list[str], str]] = [
     ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,queue-size=2048"],
      "invalid queue-size property (2048), must be a power of 2 "
      "(max 1024)"),
+    # Regression: QEMU checks the queue size, the block sizes and the
+    # discard limits before a queue count over 1024 (which it has no
+    # message for: virtio_add_queue aborts); the -device path used to
+    # refuse the count first.
+    ([*DRIVE, "-device",
+      "virtio-blk-pci,drive=d0,num-queues=2000,queue-size=2"],
+     "invalid queue-size property (2), must be > 2"),
+    ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,num-queues=2000,"
+      "logical_block_size=4096"],
+     "logical_block_size > physical_block_size not supported"),
+    ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,num-queues=2000"],
+     "num-queues property must be at most 1024"),
     ([*DRIVE, *IO0, "-device",
       "virtio-blk-pci,drive=d0,iothread=io0,ioeventfd=off"],
      "ioeventfd is required for iothread"),
