@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from qiothread.defer_call import deferred_calls
 from qiothread.errors import InternalError
 
 __all__ = ["MemoryBackend"]
@@ -118,8 +119,10 @@ class MemoryBackend:
         # served by the next run of the BH.
         batch = self._pending
         self._pending = collections.deque()
-        for cb, ret in batch:
-            cb(ret)
+        # One defer section per batch, as the real engines (8.2).
+        with deferred_calls():
+            for cb, ret in batch:
+                cb(ret)
 
     def _queue(self, op: str, offset: int, nbytes: int, niov: int,
                cb: Callable[[int], None], ret: int) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 from qiothread import trace_events as trace
 from qiothread.aio import AioContext
 from qiothread.bh import QEMUBH
+from qiothread.policies import GuestNotify, guest_notify_mode
 from virtio.blk import VirtIOBlock
 
 __all__ = ["VirtIOBlockDataPlane"]
@@ -48,7 +49,10 @@ class VirtIOBlockDataPlane:
         if self.started:
             return
         vdev = self.vdev
-        vdev.dataplane_start(self.bh.schedule)
+        vdev.dataplane_start(
+            self.bh.schedule,
+            defer_notifications=guest_notify_mode(self.ctx.policy)
+            is GuestNotify.DEFER_CALL)
         self.started = True
         if trace.virtio_blk_data_plane_start.enabled:
             trace.virtio_blk_data_plane_start(self)

@@ -52,6 +52,9 @@ virtqueue_flush = event("virtqueue_flush", "vq %p count %u")
 virtqueue_pop = event("virtqueue_pop", "vq %p elem %p in_num %u out_num %u")
 virtio_queue_notify = event("virtio_queue_notify", "vdev %p n %d vq %p")
 virtio_notify_irqfd = event("virtio_notify_irqfd", "vdev %p vq %p")
+# QEMU 8.2+ (poll-policy=8.2): the deferred eventfd write.
+virtio_notify_irqfd_deferred_fn = event(
+    "virtio_notify_irqfd_deferred_fn", "vdev %p vq %p")
 virtio_notify = event("virtio_notify", "vdev %p vq %p")
 virtio_set_status = event("virtio_set_status", "vdev %p val %u")
 

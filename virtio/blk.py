@@ -28,12 +28,14 @@ hooks are plain methods the wiring registers.  Iothread only.
 
 from __future__ import annotations
 
+import functools
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import fields
 
 from qiothread import trace_events as trace
+from qiothread.defer_call import defer_call, defer_call_begin, defer_call_end
 from qiothread.errors import ConfigError, VirtioError
 from virtio.blk_defs import (
     BDRV_REQUEST_MAX_SECTORS,
@@ -178,6 +180,10 @@ class VirtIOBlock(VirtIODevice):
         self.dataplane_started = False
         #: 7.2: batch guest notifications in a BH when no EVENT_IDX.
         self.batch_notifications = False
+        #: 8.2 (``poll-policy=8.2``): defer each queue's irqfd write to
+        #: the end of the thread's defer_call section instead.
+        self.defer_notifications = False
+        self._deferred_irq: list[Callable[[], None]] = []
         self._notify_bh_schedule: Callable[[], None] | None = None
         self._notify_pending: set[int] = set()
 
@@ -235,15 +241,22 @@ class VirtIOBlock(VirtIODevice):
 
     # -- dataplane -------------------------------------------------------
 
-    def dataplane_start(self,
-                        notify_bh_schedule: Callable[[], None]) -> None:
+    def dataplane_start(self, notify_bh_schedule: Callable[[], None],
+                        defer_notifications: bool = False) -> None:
         """Enter dataplane mode (``virtio_blk_data_plane_start`` step 1/4).
 
         ``notify_bh_schedule`` schedules a BH that calls
-        :meth:`notify_guest_bh` in the iothread.
+        :meth:`notify_guest_bh` in the iothread.  With
+        ``defer_notifications`` (QEMU 8.2+) there is no notification BH:
+        each completion decides at once and defers the irqfd write with
+        ``qiothread.defer_call``, one write per queue and section.
         """
-        self.batch_notifications = not self.has_feature(
-            VirtioFeature.RING_EVENT_IDX)
+        self.defer_notifications = defer_notifications
+        # One callable per queue, so that defer_call collapses them.
+        self._deferred_irq = [functools.partial(self._deferred_irqfd, i)
+                              for i in range(len(self.vqs))]
+        self.batch_notifications = not defer_notifications and \
+            not self.has_feature(VirtioFeature.RING_EVENT_IDX)
         self._notify_bh_schedule = notify_bh_schedule
         self.dataplane_started = True
 
@@ -263,6 +276,10 @@ class VirtIOBlock(VirtIODevice):
     def _notify_irqfd(self, index: int) -> None:
         self._count_notify(index, self.vqs[index].notify_irqfd())
 
+    def _deferred_irqfd(self, index: int) -> None:
+        self.vqs[index].notify_irqfd_deferred_fn()
+        self.stats[index].interrupts += 1
+
     def _count_notify(self, index: int, sent: bool) -> None:
         if sent:
             self.stats[index].interrupts += 1
@@ -273,6 +290,12 @@ class VirtIOBlock(VirtIODevice):
         """``virtio_blk_data_plane_notify`` / ``virtio_notify``."""
         if not self.dataplane_started:
             self._count_notify(vq.queue_index, vq.notify())
+        elif self.defer_notifications:
+            index = vq.queue_index
+            if vq.notify_irqfd_decide():
+                defer_call(self._deferred_irq[index])   # counts the write
+            else:
+                self.stats[index].interrupts_suppressed += 1
         elif self.batch_notifications and self._notify_bh_schedule:
             self._notify_pending.add(vq.queue_index)
             self._notify_bh_schedule()
@@ -291,6 +314,9 @@ class VirtIOBlock(VirtIODevice):
         mrb = MultiReqBuffer()
         suppress = vq.notification
         self.bs.io_plug()
+        # 8.2's blk_io_plug() is defer_call_begin(): requests completed
+        # during the drain share one deferred notification.
+        defer_call_begin()
         try:
             while True:
                 if suppress:
@@ -304,6 +330,7 @@ class VirtIOBlock(VirtIODevice):
                 self._submit_multireq(mrb)
         finally:
             self.bs.io_unplug()
+            defer_call_end()
 
     def _drain(self, vq: VirtQueue, mrb: MultiReqBuffer) -> None:
         stats = self.stats[vq.queue_index]

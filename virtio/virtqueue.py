@@ -488,6 +488,24 @@ class VirtQueue:
             self.guest_notifier.set()
         return True
 
+    def notify_irqfd_decide(self) -> bool:
+        """QEMU 8.2's ``virtio_notify_irqfd`` up to the write: decide and
+        set ISR bit 0; the caller defers :meth:`notify_irqfd_deferred_fn`
+        (``qiothread.defer_call``) when this returns True."""
+        if not self.should_notify():
+            return False
+        if trace.virtio_notify_irqfd.enabled:
+            trace.virtio_notify_irqfd(self.vdev, self)
+        self.vdev.isr |= 1
+        return True
+
+    def notify_irqfd_deferred_fn(self) -> None:
+        """``virtio_notify_irqfd_deferred_fn``: the guest-notifier write."""
+        if trace.virtio_notify_irqfd_deferred_fn.enabled:
+            trace.virtio_notify_irqfd_deferred_fn(self.vdev, self)
+        if self.guest_notifier is not None:
+            self.guest_notifier.set()
+
     def notify(self) -> bool:
         """``virtio_notify``: the same decision outside dataplane (the
         emulation path), traced as QEMU traces it there."""
