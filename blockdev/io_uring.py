@@ -34,6 +34,7 @@ import sys
 from collections import deque
 from dataclasses import dataclass, field
 
+from blockdev.per_context import PerContext
 from blockdev.raw_aio import (
     AioContextLike,
     AioType,
@@ -338,7 +339,8 @@ class LuringState:
         self._process_completions_and_submit()
 
 
-_states: dict[int, tuple[LuringState, int]] = {}
+_states: PerContext[AioContextLike, LuringState] = PerContext(
+    LuringState, LuringState.close)
 
 
 def luring_get(ctx: AioContextLike) -> LuringState:
@@ -346,22 +348,9 @@ def luring_get(ctx: AioContextLike) -> LuringState:
 
     :raises BlockError: the binding is missing or the kernel refused.
     """
-    ent = _states.get(id(ctx))
-    if ent is None:
-        s = LuringState(ctx)
-        _states[id(ctx)] = (s, 1)
-        return s
-    _states[id(ctx)] = (ent[0], ent[1] + 1)
-    return ent[0]
+    return _states.get(ctx)
 
 
 def luring_put(ctx: AioContextLike) -> None:
     """Drop one user; the last one closes the ring."""
-    ent = _states.get(id(ctx))
-    if ent is None:
-        return
-    if ent[1] > 1:
-        _states[id(ctx)] = (ent[0], ent[1] - 1)
-        return
-    del _states[id(ctx)]
-    ent[0].close()
+    _states.put(ctx)

@@ -43,6 +43,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from blockdev.per_context import PerContext
 from blockdev.raw_aio import (
     AioContextLike,
     AioType,
@@ -403,7 +404,8 @@ class LinuxAioState:
         self._process_completions_and_submit()
 
 
-_states: dict[int, tuple[LinuxAioState, int]] = {}
+_states: PerContext[AioContextLike, LinuxAioState] = PerContext(
+    LinuxAioState, LinuxAioState.close)
 
 
 def laio_get(ctx: AioContextLike) -> LinuxAioState:
@@ -411,22 +413,9 @@ def laio_get(ctx: AioContextLike) -> LinuxAioState:
 
     :raises BlockError: libaio is missing or io_setup failed.
     """
-    ent = _states.get(id(ctx))
-    if ent is None:
-        s = LinuxAioState(ctx)
-        _states[id(ctx)] = (s, 1)
-        return s
-    _states[id(ctx)] = (ent[0], ent[1] + 1)
-    return ent[0]
+    return _states.get(ctx)
 
 
 def laio_put(ctx: AioContextLike) -> None:
     """Drop one user; the last one closes the state."""
-    ent = _states.get(id(ctx))
-    if ent is None:
-        return
-    if ent[1] > 1:
-        _states[id(ctx)] = (ent[0], ent[1] - 1)
-        return
-    del _states[id(ctx)]
-    ent[0].close()
+    _states.put(ctx)

@@ -87,6 +87,7 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from blockdev.per_context import PerContext
 from blockdev.raw_aio import AioContextLike, BHLike, CompletionCB
 from qiothread import trace_events as trace
 from qiothread.defer_call import deferred_calls
@@ -392,9 +393,17 @@ class ThreadPool:
         self.completion_bh.schedule()
 
 
-_pools: dict[int, tuple[AioContextLike, ThreadPool, int]] = {}
 _params: weakref.WeakKeyDictionary[AioContextLike, tuple[int, int]] = (
     weakref.WeakKeyDictionary())
+
+
+def _new_pool(ctx: AioContextLike) -> ThreadPool:
+    lo, hi = _params.get(ctx, (0, THREAD_POOL_MAX_DEFAULT))
+    return ThreadPool(ctx, lo, hi)
+
+
+_pools: PerContext[AioContextLike, ThreadPool] = PerContext(
+    _new_pool, ThreadPool.close)
 
 
 def set_thread_pool_params(ctx: AioContextLike, min_threads: int,
@@ -405,30 +414,16 @@ def set_thread_pool_params(ctx: AioContextLike, min_threads: int,
     is updated at once (``thread_pool_update_params``).  Home thread.
     """
     _params[ctx] = (min_threads, max_threads)
-    ent = _pools.get(id(ctx))
-    if ent is not None:
-        ent[1].update_params(min_threads, max_threads)
+    pool = _pools.peek(ctx)
+    if pool is not None:
+        pool.update_params(min_threads, max_threads)
 
 
 def aio_get_thread_pool(ctx: AioContextLike) -> ThreadPool:
     """The pool of ``ctx``, created on first use; counts a user."""
-    ent = _pools.get(id(ctx))
-    if ent is None:
-        lo, hi = _params.get(ctx, (0, THREAD_POOL_MAX_DEFAULT))
-        pool = ThreadPool(ctx, lo, hi)
-        _pools[id(ctx)] = (ctx, pool, 1)
-        return pool
-    _pools[id(ctx)] = (ent[0], ent[1], ent[2] + 1)
-    return ent[1]
+    return _pools.get(ctx)
 
 
 def aio_put_thread_pool(ctx: AioContextLike) -> None:
     """Drop one user of the pool of ``ctx``; the last one frees it."""
-    ent = _pools.get(id(ctx))
-    if ent is None:
-        return
-    if ent[2] > 1:
-        _pools[id(ctx)] = (ent[0], ent[1], ent[2] - 1)
-        return
-    del _pools[id(ctx)]
-    ent[1].close()
+    _pools.put(ctx)

@@ -164,9 +164,9 @@ def test_params_per_context_and_refcount() -> None:
         set_thread_pool_params(ctx, 0, 1)
         assert p1.max_threads == 1
         aio_put_thread_pool(ctx)
-        assert thread_pool._pools[id(ctx)][1] is p1
+        assert thread_pool._pools.peek(ctx) is p1
         aio_put_thread_pool(ctx)
-        assert id(ctx) not in thread_pool._pools
+        assert thread_pool._pools.peek(ctx) is None
         assert p1.cur_threads == 0
     finally:
         ctx.close()
