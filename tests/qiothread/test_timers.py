@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from qiothread.aio import AioContext
 from qiothread.clock import VirtualClock
 from qiothread.event_notifier import EventNotifier
 
-from .aio_helpers import scripted
+from .aio_helpers import ScriptedMonitor, scripted
+
+VCtx = tuple[AioContext, ScriptedMonitor]
 
 pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def vctx(fdmon: str, vclock: VirtualClock):  # type: ignore[no-untyped-def]
+def vctx(fdmon: str, vclock: VirtualClock) -> Iterator[VCtx]:
     ctx = AioContext(fdmon=fdmon, clock=vclock)
     mon = scripted(ctx, vclock)
     e = EventNotifier()
@@ -25,7 +29,8 @@ def vctx(fdmon: str, vclock: VirtualClock):  # type: ignore[no-untyped-def]
     e.close()
 
 
-def test_deadline_is_the_wait_timeout(vctx, vclock) -> None:  # type: ignore[no-untyped-def]
+def test_deadline_is_the_wait_timeout(
+        vctx: VCtx, vclock: VirtualClock) -> None:
     ctx, mon = vctx
     fired: list[int] = []
     t = ctx.timer_new_ns(lambda: fired.append(vclock.now_ns()))
@@ -41,7 +46,7 @@ def test_deadline_is_the_wait_timeout(vctx, vclock) -> None:  # type: ignore[no-
 
 
 def test_expired_timers_run_in_expiry_order_after_handlers(
-        vctx, vclock) -> None:  # type: ignore[no-untyped-def]
+        vctx: VCtx, vclock: VirtualClock) -> None:
     ctx, _ = vctx
     order: list[str] = []
     now = vclock.now_ns()
@@ -56,7 +61,8 @@ def test_expired_timers_run_in_expiry_order_after_handlers(
     assert order[-1] == "c"
 
 
-def test_arming_earlier_notifies_later_does_not(vctx, vclock) -> None:  # type: ignore[no-untyped-def]
+def test_arming_earlier_notifies_later_does_not(
+        vctx: VCtx, vclock: VirtualClock) -> None:
     ctx, _ = vctx
     t1 = ctx.timer_new_ns(lambda: None)
     t2 = ctx.timer_new_ns(lambda: None)
@@ -70,7 +76,7 @@ def test_arming_earlier_notifies_later_does_not(vctx, vclock) -> None:  # type: 
     assert ctx.notified
 
 
-def test_timer_may_rearm_itself(vctx, vclock) -> None:  # type: ignore[no-untyped-def]
+def test_timer_may_rearm_itself(vctx: VCtx, vclock: VirtualClock) -> None:
     ctx, _ = vctx
     ticks: list[int] = []
 
@@ -87,7 +93,7 @@ def test_timer_may_rearm_itself(vctx, vclock) -> None:  # type: ignore[no-untype
     assert len(ticks) == 3 and ticks[2] - ticks[0] == 200
 
 
-def test_del_disarms(vctx, vclock) -> None:  # type: ignore[no-untyped-def]
+def test_del_disarms(vctx: VCtx, vclock: VirtualClock) -> None:
     ctx, _ = vctx
     ran: list[int] = []
     t = ctx.timer_new_ns(lambda: ran.append(1))
