@@ -5,8 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,29 +16,13 @@ from qiothread.keyval import parse_option
 from qiothread.policies import Policy100, PolicyWeighted
 from qiothread.process import Supervisor
 from qiothread.qom import ObjectRoot
+from tests.qiothread.iothread_helpers import add, iothread_root, wait_until
 
 
 @pytest.fixture
 def root() -> Iterator[ObjectRoot]:
-    with Supervisor() as sup:
-        r = ObjectRoot({"iothread": IOThread}, sup)
-        try:
-            yield r
-        finally:
-            r.close()
-
-
-def add(root: ObjectRoot, text: str) -> IOThread:
-    obj = root.object_add(parse_option(text, "qom-type"))
-    assert isinstance(obj, IOThread)
-    return obj
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
+    with Supervisor() as sup, iothread_root(sup) as r:
+        yield r
 
 
 def test_policy_and_weight_on_the_command_line(root: ObjectRoot) -> None:

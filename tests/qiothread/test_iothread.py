@@ -22,9 +22,9 @@ from qiothread import trace
 from qiothread.aio import AioContext
 from qiothread.errors import ChildProcessError_, ConfigError, QMPCommandError
 from qiothread.iothread import IOThread
-from qiothread.keyval import parse_option
 from qiothread.process import ChildState, Supervisor
 from qiothread.qom import ObjectRoot
+from tests.qiothread.iothread_helpers import add, iothread_root, wait_until
 from tests.qiothread.test_process import (
     SIGINT_AS_IN_A_TERMINAL,
     assert_gone,
@@ -43,24 +43,8 @@ def sup() -> Iterator[Supervisor]:
 
 @pytest.fixture
 def root(sup: Supervisor) -> Iterator[ObjectRoot]:
-    r = ObjectRoot({"iothread": IOThread}, sup)
-    try:
+    with iothread_root(sup) as r:
         yield r
-    finally:
-        r.close()
-
-
-def add(root: ObjectRoot, text: str) -> IOThread:
-    obj = root.object_add(parse_option(text, "qom-type"))
-    assert isinstance(obj, IOThread)
-    return obj
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
 
 
 def test_start_thread_id_comm_and_clean_stop(root: ObjectRoot) -> None:

@@ -7,8 +7,7 @@ applied back from the shared parameter block.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -17,6 +16,7 @@ from qiothread.iothread import IOThread
 from qiothread.keyval import parse_option
 from qiothread.process import Supervisor
 from qiothread.qom import ObjectRoot
+from tests.qiothread.iothread_helpers import add, iothread_root, wait_until
 
 RANGE = "value must be in range [0, 9223372036854775807]"
 PROPS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch",
@@ -31,24 +31,8 @@ def sup() -> Iterator[Supervisor]:
 
 @pytest.fixture
 def root(sup: Supervisor) -> Iterator[ObjectRoot]:
-    r = ObjectRoot({"iothread": IOThread}, sup)
-    try:
+    with iothread_root(sup) as r:
         yield r
-    finally:
-        r.close()
-
-
-def add(root: ObjectRoot, text: str) -> IOThread:
-    obj = root.object_add(parse_option(text, "qom-type"))
-    assert isinstance(obj, IOThread)
-    return obj
-
-
-def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.002)
 
 
 def applied(io: IOThread) -> dict[str, int]:
