@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import re
+import string
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +44,7 @@ __all__ = [
     "keyval_parse",
     "parse_option",
     "qemu_strtoi64",
+    "qemu_strtou64",
 ]
 
 INT64_MIN = -(1 << 63)
@@ -85,6 +87,38 @@ def qemu_strtoi64(text: str) -> int | None:
     if m.group(1) == "-":
         value = -value
     return value if INT64_MIN <= value <= INT64_MAX else None
+
+
+#: C's isspace() in the "C" locale: what strtoull skips first.
+_C_SPACE = " \t\n\v\f\r"
+
+
+def qemu_strtou64(text: str) -> int | None:
+    """``qemu_strtou64(text, NULL, 0, ...)``: None where QEMU fails.
+
+    As ``strtoull`` with base 0: leading C whitespace, a sign, then
+    ``0x`` hex, a leading ``0`` octal, or decimal; the whole string must
+    be consumed; a minus sign negates modulo 2**64; out of range is an
+    error (ERANGE).  Python's ``int(x, 0)`` differs on each of "010",
+    "0o7", "1_0" and trailing blanks, hence this.
+    """
+    s = text.lstrip(_C_SPACE)
+    neg = s[:1] == "-"
+    if s[:1] in "+-" and s:
+        s = s[1:]
+    if s[:2].lower() == "0x" and s[2:3] and s[2] in string.hexdigits:
+        digits, base = s[2:], 16
+    elif s[:1] == "0":
+        digits, base = s, 8
+    else:
+        digits, base = s, 10
+    allowed = string.hexdigits if base == 16 else string.digits[:base]
+    if not digits or any(c not in allowed for c in digits):
+        return None
+    n = int(digits, base)
+    if n > UINT64_MAX:
+        return None
+    return -n & UINT64_MAX if neg else n
 
 
 def _put(cur: dict[str, Any], name: str, value: str | None,

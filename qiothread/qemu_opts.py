@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 
 from qiothread.errors import ConfigError
+from qiothread.keyval import qemu_strtou64
 
 __all__ = [
     "QEMU_OPTIONS",
@@ -216,27 +217,6 @@ def parse_bool(name: str, value: object, from_json: bool = False) -> bool:
     raise ConfigError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
-def _strtou64(text: str) -> int | None:
-    """``qemu_strtou64(s, NULL, 0)``: base prefixes; '-' wraps."""
-    s = text.strip()
-    neg = s.startswith("-")
-    if neg or s.startswith("+"):
-        s = s[1:]
-    if s[:2].lower() == "0x" and len(s) > 2:
-        digits, base = s[2:], 16
-    elif s.startswith("0") and len(s) > 1:
-        digits, base = s[1:], 8
-    else:
-        digits, base = s, 10
-    try:
-        n = int(digits, base) if digits.isalnum() else None
-    except ValueError:
-        return None
-    if n is None or n >= 1 << 64:
-        return None
-    return (-n) % (1 << 64) if neg else n
-
-
 def parse_uint(name: str, value: object, bits: int,
                from_json: bool = False) -> int:
     """An unsigned property (``uint16`` and the like), as QEMU reads it.
@@ -256,7 +236,7 @@ def parse_uint(name: str, value: object, bits: int,
             raise ConfigError(f"Parameter '{name}' expects uint64")
         n = value % (1 << 64)
     else:
-        n = _strtou64(str(value))
+        n = qemu_strtou64(str(value))
         if n is None:
             raise ConfigError(f"Parameter '{name}' expects integer")
     if n >= 1 << bits:

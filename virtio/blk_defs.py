@@ -19,7 +19,6 @@ defaults and their error messages (reference §15.1).
 from __future__ import annotations
 
 import enum
-import string
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import ClassVar, Final, Protocol
 
 from qiothread.errors import ConfigError
 from qiothread.event_notifier import EventNotifier
+from qiothread.keyval import qemu_strtou64
 from virtio.ring import VIRTQUEUE_MAX_SIZE, VringLayout
 
 __all__ = [
@@ -127,36 +127,7 @@ def _parse_bool(name: str, value: str | int | bool) -> bool:
     raise ConfigError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
-_C_SPACE = " \t\n\v\f\r"
 _U64_MAX = (1 << 64) - 1
-
-
-def _strtou64(text: str) -> int | None:
-    """``qemu_strtou64(text, NULL, 0, ...)``: None where QEMU fails.
-
-    As ``strtoull`` with base 0: leading C whitespace, a sign, then
-    ``0x`` hex, a leading ``0`` octal, or decimal; the whole string must
-    be consumed; a minus sign negates modulo 2**64; out of range is an
-    error (ERANGE).  Python's ``int(x, 0)`` differs on each of "010",
-    "0o7", "1_0" and trailing blanks, hence this.
-    """
-    s = text.lstrip(_C_SPACE)
-    neg = s[:1] == "-"
-    if s[:1] in "+-" and s:
-        s = s[1:]
-    if s[:2].lower() == "0x" and s[2:3] and s[2] in string.hexdigits:
-        digits, base = s[2:], 16
-    elif s[:1] == "0":
-        digits, base = s, 8
-    else:
-        digits, base = s, 10
-    allowed = string.hexdigits if base == 16 else string.digits[:base]
-    if not digits or any(c not in allowed for c in digits):
-        return None
-    n = int(digits, base)
-    if n > _U64_MAX:
-        return None
-    return -n & _U64_MAX if neg else n
 
 
 def _parse_uint(name: str, value: str | int, bits: int) -> int:
@@ -165,7 +136,7 @@ def _parse_uint(name: str, value: str | int, bits: int) -> int:
     if isinstance(value, int):
         n: int | None = value & _U64_MAX if value < 0 else value
     else:
-        n = _strtou64(value)
+        n = qemu_strtou64(value)
     if n is None or n > _U64_MAX:
         raise ConfigError(f"Parameter '{name}' expects integer")
     if n >= 1 << bits:

@@ -271,6 +271,12 @@ ERRORS: list[tuple[list[str], str]] = [
      "Parameter 'num-queues' expects integer"),
     ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,num-queues=70000"],
      "Parameter 'num-queues' expects uint16_t"),
+    # Regression: the -device path parsed integers with its own copy of
+    # qemu_strtou64, which took trailing blanks and non-ASCII digits.
+    ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,num-queues=2 "],
+     "Parameter 'num-queues' expects integer"),
+    ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,num-queues=\u0663"],
+     "Parameter 'num-queues' expects integer"),
     ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,request-merging=2"],
      "Parameter 'request-merging' expects 'on' or 'off'"),
     ([*DRIVE, "-device", "virtio-blk-pci,drive=d0,write-cache=x"],
