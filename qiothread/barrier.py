@@ -34,7 +34,6 @@ from typing import Any
 __all__ = [
     "SharedU32",
     "SharedU64",
-    "address_of",
     "close_mapping",
     "full_barrier",
 ]
@@ -108,16 +107,6 @@ def full_barrier() -> None:
         _add4(_fence_addr, 0, _ATOMIC_SEQ_CST)
 
 
-def address_of(buf: mmap.mmap | bytearray, offset: int = 0) -> int:
-    """The address of ``buf[offset]``, for the atomics below.
-
-    The caller keeps ``buf`` alive (and unresized) while the address is
-    in use.
-    """
-    c = (ctypes.c_char * len(buf)).from_buffer(buf)
-    return ctypes.addressof(c) + offset
-
-
 def close_mapping(buf: mmap.mmap) -> None:
     """Unmap ``buf`` now, unless an atomic field still points into it.
 
@@ -132,7 +121,27 @@ def close_mapping(buf: mmap.mmap) -> None:
         pass
 
 
-class SharedU32:
+class _SharedField:
+    """What both widths share: a pinned, aligned place in the mapping."""
+
+    __slots__ = ("_addr", "_keep")
+    _width = 0
+
+    def __init__(self, buf: mmap.mmap | bytearray, offset: int) -> None:
+        w = self._width
+        if offset % w:
+            raise ValueError(f"offset {offset} is not {w}-byte aligned")
+        if not 0 <= offset <= len(buf) - w:
+            raise ValueError(f"offset {offset} is outside the buffer")
+        # The ctypes view holds a buffer export on ``buf``: while this
+        # object lives, ``mmap.close()`` raises BufferError instead of
+        # unmapping memory an atomic below would then touch (a crash of
+        # the whole process, not an exception).
+        self._keep = (ctypes.c_char * w).from_buffer(buf, offset)
+        self._addr = ctypes.addressof(self._keep)
+
+
+class SharedU32(_SharedField):
     """An aligned unsigned 32-bit field of a shared mapping.
 
     Every operation is sequentially consistent, so each is also a full
@@ -140,20 +149,8 @@ class SharedU32:
     mapping cannot be closed while the field object exists.
     """
 
-    __slots__ = ("_addr", "_keep")
+    __slots__ = ()
     _width = 4
-
-    def __init__(self, buf: mmap.mmap | bytearray, offset: int) -> None:
-        if offset % 4:
-            raise ValueError(f"offset {offset} is not 4-byte aligned")
-        if not 0 <= offset <= len(buf) - 4:
-            raise ValueError(f"offset {offset} is outside the buffer")
-        # The ctypes view holds a buffer export on ``buf``: while this
-        # object lives, ``mmap.close()`` raises BufferError instead of
-        # unmapping memory an atomic below would then touch (a crash of
-        # the whole process, not an exception).
-        self._keep = (ctypes.c_char * self._width).from_buffer(buf, offset)
-        self._addr = ctypes.addressof(self._keep)
 
     def load(self) -> int:
         return int(_load4(self._addr, _ATOMIC_SEQ_CST))
@@ -179,23 +176,11 @@ class SharedU32:
         return int(_xchg4(self._addr, value, _ATOMIC_SEQ_CST))
 
 
-class SharedU64:
+class SharedU64(_SharedField):
     """An aligned unsigned 64-bit field of a shared mapping (see above)."""
 
-    __slots__ = ("_addr", "_keep")
+    __slots__ = ()
     _width = 8
-
-    def __init__(self, buf: mmap.mmap | bytearray, offset: int) -> None:
-        if offset % 8:
-            raise ValueError(f"offset {offset} is not 8-byte aligned")
-        if not 0 <= offset <= len(buf) - 8:
-            raise ValueError(f"offset {offset} is outside the buffer")
-        # The ctypes view holds a buffer export on ``buf``: while this
-        # object lives, ``mmap.close()`` raises BufferError instead of
-        # unmapping memory an atomic below would then touch (a crash of
-        # the whole process, not an exception).
-        self._keep = (ctypes.c_char * self._width).from_buffer(buf, offset)
-        self._addr = ctypes.addressof(self._keep)
 
     def load(self) -> int:
         return int(_load8(self._addr, _ATOMIC_SEQ_CST))
