@@ -192,7 +192,11 @@ def test_polling_finds_pool_completions(ctx: Any) -> None:
     try:
         w = Waiter()
         for i in range(50):
-            pool.submit(lambda: 0, w.cb(i))
+            # Work that takes a while: with an instant function the
+            # worker can finish before the loop gets to poll (its BH is
+            # then pending and 7.2 does not poll), which once left this
+            # test with no polling at all in a full-suite run.
+            pool.submit(lambda: time.sleep(0.001) or 0, w.cb(i))
             run_until(ctx, w.done(i + 1))
         assert pool._last_io_poll_ns > 0, "io_poll never ran"
     finally:
